@@ -1,0 +1,1 @@
+"""NumPyClients (plain EEN client, split edge/cloud client) and the client objectives."""

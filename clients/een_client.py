@@ -1,0 +1,116 @@
+"""EENClient: the NumPyClient that trains and evaluates one budget-sized submodel.
+
+The ClientApp adapter passes the arrays with their names (config ``param-keys``); the
+strategy's config names the spec (depth, width), the objective and the learning rate. Extra
+payloads for the server (e.g. DarkDistill's per-sample difficulty) are collected in
+``records`` and travel as their own named record.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from torch.nn import functional as F
+
+from clients import losses
+from clients.augment import augment_images
+from fedeen.config import RunConfig
+from fedeen.data import ClientData, DatasetInfo, Tensors
+from models.base import EarlyExitNet, SubmodelSpec
+from models.family import EENFamily
+
+PARAM_KEYS = "param-keys"
+
+
+class EENClient(NumPyClient):
+    def __init__(self, family: EENFamily, data: ClientData, cfg: RunConfig, info: DatasetInfo,
+                 device: torch.device, client_seed: int) -> None:
+        self.family, self.data, self.cfg, self.info = family, data, cfg, info
+        self.device, self.client_seed = device, client_seed
+        self.objective_state: dict[str, Any] = {}
+        self.records: dict[str, dict[str, np.ndarray]] = {}
+
+    # ------------------------------------------------------------------ model I/O
+    def load_model(self, parameters: list[np.ndarray], config: dict[str, Any]
+                   ) -> tuple[EarlyExitNet, list[str]]:
+        spec = SubmodelSpec(int(config["depth"]), float(config["width"]))
+        keys = list(config[PARAM_KEYS])
+        expected = self.family.shapes(spec)
+        if set(keys) != set(expected):
+            raise ValueError(f"received tensors do not match spec {spec}: "
+                             f"{len(set(keys) ^ set(expected))} names differ")
+        model = self.family.build(spec)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters)})
+        return model.to(self.device), keys
+
+    @staticmethod
+    def export(model: EarlyExitNet, keys: list[str]) -> list[np.ndarray]:
+        state = model.state_dict()
+        return [state[k].detach().cpu().numpy() for k in keys]
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return [v.numpy() for v in self.family.build().state_dict().values()]
+
+    # ------------------------------------------------------------------ training
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        t0 = time.perf_counter()
+        model, keys = self.load_model(parameters, config)
+        server_round = int(config.get("server-round", 0))
+        gen = torch.Generator().manual_seed(self.client_seed * 100_003 + server_round)
+        torch.manual_seed(self.client_seed * 100_003 + server_round)
+        objective = losses.get(str(config["objective"]))
+        ctx = losses.ObjectiveContext(config, self.objective_state)
+        opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]),
+                              momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        train = self.data.train
+        model.train()
+        total, count = 0.0, 0
+        for _epoch in range(self.cfg.local_epochs):
+            for xb, yb in self.batches(train, gen, shuffle=True, augment=self.cfg.augment):
+                out = model(xb)
+                loss = objective(out, yb, ctx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(yb)
+                count += len(yb)
+        metrics = {"train-loss": total / max(count, 1), "train-seconds": time.perf_counter() - t0,
+                   "level": int(config.get("level", 0))}
+        return self.export(model, keys), len(train), metrics
+
+    def batches(self, data: Tensors, gen: torch.Generator, shuffle: bool, augment: bool):
+        n, bs = len(data), self.cfg.batch_size
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            if shuffle and len(idx) < 2:
+                continue  # BatchNorm cannot train on a single sample
+            xb, yb = data.x[idx], data.y[idx]
+            if augment and self.info.modality == "image":
+                xb = augment_images(xb, self.info.hflip, gen)
+            yield xb.to(self.device), yb.to(self.device)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
+                 ) -> tuple[float, int, dict[str, Any]]:
+        model, _ = self.load_model(parameters, config)
+        val = self.data.val
+        if len(val) == 0:
+            return 0.0, 0, {}
+        model.eval()
+        correct = torch.zeros(model.num_exits)
+        loss_sum = 0.0
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for xb, yb in self.batches(val, gen, shuffle=False, augment=False):
+                out = model(xb)
+                loss_sum += float(F.cross_entropy(out.logits[-1], yb, reduction="sum"))
+                for j, z in enumerate(out.logits):
+                    correct[j] += float((z.argmax(1) == yb).sum())
+        n = len(val)
+        metrics = {f"acc-exit-{j + 1}": float(correct[j]) / n for j in range(model.num_exits)}
+        return loss_sum / n, n, metrics

@@ -1,0 +1,171 @@
+"""The run directory: resolved config, per-round history, metrics, checkpoints, model, plots.
+
+Layout::
+
+    <out-dir>/<timestamp>-<strategy>-<dataset>-s<seed>/
+        config.json  metrics.json  history.csv  checkpoint.pt  final_model.pt
+        exit_accuracy.png  budget_curve.png
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+
+from fedeen.config import RunConfig
+from fedeen.evaluation import BudgetPoint
+from strategies.base import HeteroEENStrategy, RoundObserver, RoundTimings
+
+DEFAULT_OUT = "~/fedeen-runs"
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    base = Path(os.path.expanduser(cfg.out_dir or DEFAULT_OUT))
+    data_name = Path(cfg.dataset).name.removesuffix(".parquet").removesuffix(".npz")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / f"{stamp}-{cfg.strategy}-{cfg.model}-{data_name}-s{cfg.seed}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = base / f"{stamp}-{cfg.strategy}-{cfg.model}-{data_name}-s{cfg.seed}-{suffix}"
+    return path
+
+
+def exit_columns(num_exits: int, prefix: str = "acc-exit-") -> list[str]:
+    return [f"{prefix}{j}" for j in range(1, num_exits + 1)]
+
+
+class RunRecorder(RoundObserver):
+    """Writes everything a run leaves behind and logs one line per round."""
+
+    def __init__(self, cfg: RunConfig, num_exits: int, exit_costs: list[float],
+                 path: Path | None = None) -> None:
+        self.cfg, self.num_exits, self.exit_costs = cfg, num_exits, exit_costs
+        self.path = path or run_dir_for(cfg)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+        (self.path / "config.json").write_text(json.dumps(cfg.as_run_config(), indent=2))
+
+    def round_done(self, server_round: int, central: dict | None, train: dict, evaluate: dict,
+                   timings: RoundTimings, strategy: HeteroEENStrategy) -> None:
+        row = {"round": server_round, "central": central or {}, "train": train,
+               "federated": evaluate, "timings": timings.as_dict()}
+        self.rounds.append(row)
+        accs = [100 * (central or {}).get(c, float("nan")) for c in exit_columns(self.num_exits)]
+        extra = "".join(f" | {k} {v:.3g}" for k, v in train.items()
+                        if k.startswith(("gen-", "kd-", "server-")))
+        log(logging.INFO,
+            "[round %d/%d] %.2fs (clients %.2fs, server %.2fs, eval %.2fs) | exits %s | "
+            "mean %.2f ± %.2f | train-loss %.4f | clients ok %d failed %d%s",
+            server_round, self.cfg.num_server_rounds, timings.total, timings.clients,
+            timings.aggregate + timings.server_step, timings.central_eval,
+            " ".join(f"{a:.2f}" for a in accs), np.mean(accs), np.std(accs),
+            train.get("train-loss", float("nan")), train.get("clients-ok", 0),
+            train.get("clients-failed", 0), extra)
+        every = self.cfg.checkpoint_every
+        if (every and server_round % every == 0) or server_round == self.cfg.num_server_rounds:
+            self.checkpoint(server_round, strategy)
+
+    def checkpoint(self, server_round: int, strategy: HeteroEENStrategy) -> None:
+        """One file holds what resuming needs: model, server state, round and config."""
+        torch.save({"round": server_round, "config": self.cfg.as_run_config(),
+                    "global_state": {k: torch.from_numpy(np.array(v)) for k, v in
+                                     strategy.global_state.items()},
+                    "strategy_state": strategy.state_dict()},
+                   self.path / "checkpoint.pt")
+
+    # ------------------------------------------------------------------ end of run
+    def best_round(self) -> dict[str, Any] | None:
+        rows = [r for r in self.rounds if "val-acc-mean" in r["central"]]
+        return max(rows, key=lambda r: r["central"]["val-acc-mean"]) if rows else None
+
+    def finish(self, final_state: dict[str, np.ndarray], curve: list[BudgetPoint],
+               rejected: dict[int, list[str]], initial: dict | None = None) -> dict[str, Any]:
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in final_state.items()},
+                   self.path / "final_model.pt")
+        cols = exit_columns(self.num_exits)
+        final = self.rounds[-1]["central"] if self.rounds else {}
+        best = self.best_round()
+        steady = [r["timings"]["total"] for r in self.rounds[1:]] or \
+                 [r["timings"]["total"] for r in self.rounds]
+        summary = {
+            "run_dir": str(self.path),
+            "config": self.cfg.as_run_config(),
+            "num_exits": self.num_exits,
+            "exit_flops": self.exit_costs,
+            "initial": initial or {},
+            "final": {"round": len(self.rounds), **{c: final.get(c) for c in cols},
+                      "acc-mean": final.get("acc-mean"), "acc-std": final.get("acc-std")},
+            "best_val": None if best is None else {
+                "round": best["round"], **{c: best["central"].get(c) for c in cols},
+                "acc-mean": best["central"].get("acc-mean"),
+                "acc-std": best["central"].get("acc-std"),
+                "val-acc-mean": best["central"].get("val-acc-mean")},
+            "budget_curve": [asdict(p) for p in curve],
+            "wall_seconds": time.perf_counter() - self.t0,
+            "steady_round_seconds": float(np.median(steady)) if steady else None,
+            "failed_replies": {str(k): v for k, v in rejected.items()},
+            "rounds": self.rounds,
+        }
+        (self.path / "metrics.json").write_text(json.dumps(summary, indent=2))
+        self._write_history(cols)
+        self._plot(cols, curve)
+        return summary
+
+    def _write_history(self, cols: list[str]) -> None:
+        timing_keys = list(RoundTimings().as_dict())
+        with open(self.path / "history.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["round", *cols, "acc-mean", "acc-std", "val-acc-mean", "train-loss",
+                        "clients-ok", "clients-failed", *[f"t-{k}" for k in timing_keys]])
+            for r in self.rounds:
+                c, t = r["central"], r["train"]
+                w.writerow([r["round"], *[c.get(k) for k in cols], c.get("acc-mean"),
+                            c.get("acc-std"), c.get("val-acc-mean"), t.get("train-loss"),
+                            t.get("clients-ok"), t.get("clients-failed"),
+                            *[r["timings"][k] for k in timing_keys]])
+
+    def _plot(self, cols: list[str], curve: list[BudgetPoint]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rounds]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for j, c in enumerate(cols, start=1):
+            ax.plot(rounds, [100 * (r["central"].get(c) or 0) for r in self.rounds],
+                    marker="o", label=f"exit {j}")
+        ax.set(xlabel="round", ylabel="test accuracy (%)",
+               title=f"{self.cfg.strategy} on {Path(self.cfg.dataset).name}: per-exit accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path / "exit_accuracy.png", dpi=120)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        pts = sorted(curve, key=lambda p: p.flops)
+        ax.plot([p.flops / 1e6 for p in pts], [100 * p.accuracy for p in pts], marker=".",
+                label="dynamic (MSDNet policy)")
+        final = self.rounds[-1]["central"] if self.rounds else {}
+        ax.scatter([c / 1e6 for c in self.exit_costs],
+                   [100 * (final.get(c) or 0) for c in cols], color="k", marker="x",
+                   label="single exits", zorder=3)
+        ax.set(xlabel="expected MFLOPs per sample", ylabel="test accuracy (%)",
+               title="budgeted inference")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path / "budget_curve.png", dpi=120)
+        plt.close(fig)

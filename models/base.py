@@ -1,0 +1,93 @@
+"""Shared vocabulary of every early-exit backbone: specs, outputs and the model contract.
+
+A backbone is cut into ``blocks`` and carries one classifier per exit in ``exits``; its
+parameters are named ``embed.*``, ``blocks.<i>.*`` and ``exits.<j>.*`` so that a submodel
+spec alone decides which named tensors (and which leading slice of each) a client holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SubmodelSpec:
+    """A budget level's share of the global EEN: the first ``depth`` exits at ``width``."""
+
+    depth: int
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"submodel depth must be >= 1, got {self.depth}")
+        if not 0.0 < self.width <= 1.0:
+            raise ValueError(f"submodel width must be in (0, 1], got {self.width}")
+
+
+@dataclass
+class EEOutput:
+    """Every exit's logits and the feature its classifier read (CLS token / pooled map)."""
+
+    logits: list[Tensor]
+    features: list[Tensor]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.logits)
+
+
+def exit_blocks(num_blocks: int, num_exits: int) -> list[int]:
+    """1-based block indices after which the exits sit, evenly spaced (12 blocks -> 3,6,9,12)."""
+    if num_blocks < num_exits:
+        raise ValueError(
+            f"a backbone with {num_blocks} blocks cannot carry {num_exits} exits; "
+            f"use at least {num_exits} blocks"
+        )
+    return [round(num_blocks * (j + 1) / num_exits) for j in range(num_exits)]
+
+
+def scaled(n: int, width: float) -> int:
+    """Leading-slice size of a dimension of size ``n`` at width ratio ``width`` (>= 1)."""
+    return max(1, int(round(n * width)))
+
+
+class EarlyExitNet(nn.Module):
+    """Base class: ``to_latent`` maps inputs to the latent space, ``forward_latent`` runs the rest.
+
+    The split matters for server-side generators (DarkDistill), which produce latents and
+    feed them straight to ``forward_latent``.
+    """
+
+    #: 1-based block index after which each held exit sits
+    exit_after: Sequence[int]
+
+    def to_latent(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_latent(self, z: Tensor) -> EEOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> EEOutput:
+        return self.forward_latent(self.to_latent(x))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_after)
+
+
+def count_forward_flops(model: nn.Module, example: Tensor) -> int:
+    """FLOPs of one forward pass on ``example`` (batch of one), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    model.train(was_training)
+    return int(counter.get_total_flops())

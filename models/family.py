@@ -1,0 +1,69 @@
+"""An EEN family: one global model and the submodel of every spec, with cached shapes."""
+from __future__ import annotations
+
+from functools import lru_cache
+import re
+
+import numpy as np
+import torch
+
+import models.zoo  # noqa: F401  (registers the built-in backbones)
+from models import registry
+from models.base import EarlyExitNet, SubmodelSpec, count_forward_flops
+from models.registry import ModelConfig
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_EXIT = re.compile(r"^exits\.(\d+)\.")
+
+
+class EENFamily:
+    """Builds submodels by spec and answers questions about their named tensors."""
+
+    def __init__(self, name: str, cfg: ModelConfig) -> None:
+        self.name, self.cfg = name, cfg
+        self._builder = registry.get(name)
+        self.global_spec = SubmodelSpec(cfg.num_exits, 1.0)
+        self.exit_after = list(self._meta(self.global_spec).exit_after)
+        self._shapes = lru_cache(maxsize=None)(self._compute_shapes)
+
+    @property
+    def num_exits(self) -> int:
+        return self.cfg.num_exits
+
+    def build(self, spec: SubmodelSpec | None = None) -> EarlyExitNet:
+        return self._builder(self.cfg, spec or self.global_spec)
+
+    def _meta(self, spec: SubmodelSpec) -> EarlyExitNet:
+        with torch.device("meta"):
+            return self._builder(self.cfg, spec)
+
+    def _compute_shapes(self, spec: SubmodelSpec) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._meta(spec).state_dict().items()}
+
+    def shapes(self, spec: SubmodelSpec | None = None) -> dict[str, tuple[int, ...]]:
+        """Named tensor shapes a client of ``spec`` holds (the contract of its replies)."""
+        return self._shapes(spec or self.global_spec)
+
+    def init_state(self, seed: int) -> dict[str, np.ndarray]:
+        torch.manual_seed(seed)
+        return {k: v.detach().cpu().numpy() for k, v in self.build().state_dict().items()}
+
+    def segment_of(self, key: str) -> int:
+        """1-based depth segment a tensor lives in: the first exit whose submodel needs it."""
+        if m := _EXIT.match(key):
+            return int(m.group(1)) + 1
+        if m := _BLOCK.match(key):
+            block = int(m.group(1)) + 1
+            return next(j for j, b in enumerate(self.exit_after, start=1) if block <= b)
+        return 1
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        if self.cfg.modality == "audio":
+            return torch.zeros(batch, self.cfg.sample_rate)
+        return torch.zeros(batch, self.cfg.in_chans, self.cfg.image_size, self.cfg.image_size)
+
+    def exit_costs(self) -> list[float]:
+        """Forward FLOPs (full width) of the model cut at each exit, i.e. the cost of leaving there."""
+        x = self.example_input()
+        return [float(count_forward_flops(self.build(SubmodelSpec(d, 1.0)), x))
+                for d in range(1, self.num_exits + 1)]

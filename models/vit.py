@@ -1,0 +1,141 @@
+"""ViT/DeiT-style early-exit transformer: patch embedding, pre-LN blocks, CLS-token exits.
+
+Width scaling (ScaleFL) keeps the residual dimension and takes the leading attention heads
+and MLP units; q, k and v are separate projections so that "the first h heads" is a leading
+slice of each weight.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from models.base import EarlyExitNet, EEOutput, SubmodelSpec, exit_blocks, scaled
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchifier plus CLS token and learned positions; output is the latent sequence."""
+
+    def __init__(self, in_chans: int, image_size: int, patch: int, dim: int) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not divisible by patch size {patch}")
+        self.num_patches = (image_size // patch) ** 2
+        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        nn.init.trunc_normal_(self.cls, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        cls = self.cls.expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.pos
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.q = nn.Linear(dim, inner)
+        self.k = nn.Linear(dim, inner)
+        self.v = nn.Linear(dim, inner)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(dim, mlp_hidden))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(mlp_hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenExit(nn.Module):
+    """DeiT-style exit: LayerNorm + Linear on the CLS token."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, cls: Tensor) -> Tensor:
+        return self.fc(self.norm(cls))
+
+
+class EarlyExitViT(EarlyExitNet):
+    """``spec.depth`` exits are kept, i.e. blocks up to the exit at that depth."""
+
+    def __init__(
+        self,
+        spec: SubmodelSpec,
+        num_classes: int,
+        in_chans: int = 3,
+        image_size: int = 32,
+        patch: int = 4,
+        dim: int = 192,
+        num_blocks: int = 12,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        num_exits: int = 4,
+        frontend: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"ViT dim {dim} is not divisible by its {heads} heads")
+        if not 1 <= spec.depth <= num_exits:
+            raise ValueError(f"ViT depth must be in 1..{num_exits}, got {spec.depth}")
+        self.frontend = frontend if frontend is not None else nn.Identity()
+        self.dim = dim
+        self.embed = PatchEmbed(in_chans, image_size, patch, dim)
+        all_exits = exit_blocks(num_blocks, num_exits)
+        self.exit_after = all_exits[: spec.depth]
+        head_dim = dim // heads
+        h = scaled(heads, spec.width)
+        m = scaled(int(dim * mlp_ratio), spec.width)
+        self.blocks = nn.ModuleList(Block(dim, h, head_dim, m) for _ in range(self.exit_after[-1]))
+        self.exits = nn.ModuleList(TokenExit(dim, num_classes) for _ in self.exit_after)
+        self.apply(_init_weights)
+
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self.embed(self.frontend(x))
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.embed.num_patches + 1, self.dim)
+
+    def forward_latent(self, z: Tensor) -> EEOutput:
+        logits, feats = [], []
+        h, e = z, 0
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h)
+            if e < len(self.exit_after) and i == self.exit_after[e]:
+                cls = h[:, 0]
+                logits.append(self.exits[e](cls))
+                feats.append(cls)
+                e += 1
+        return EEOutput(logits, feats)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,49 @@
+"""An in-process stand-in for Flower's Grid: messages go straight to the ClientApp.
+
+It lets unit tests drive a strategy through whole rounds with real client code and no Ray,
+and fake individual replies (broken, hostile) where a test needs them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from flwr.app import Context, Message, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedeen.client_app import app as client_app
+
+# Messages take their run and task identity from the process, as inside a real ServerApp.
+TaskIdentity.run_id = 1
+TaskIdentity.task_id = 1
+TaskIdentity.node_id = 0  # the server
+
+
+class InProcessGrid:
+    def __init__(self, run_config: dict, num_nodes: int,
+                 tamper: Callable[[Message], Message] | None = None,
+                 node_configs: list[dict] | None = None) -> None:
+        self.run_config = run_config
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.node_configs = node_configs or [
+            {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        self.tamper = tamper
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None
+                         ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            i = self.node_ids.index(msg.metadata.dst_node_id)
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id,
+                          node_config=dict(self.node_configs[i]), state=RecordDict(),
+                          run_config=dict(self.run_config))
+            reply = client_app(msg, ctx)
+            if self.tamper is not None:
+                reply = self.tamper(reply)
+            replies.append(reply)
+        return replies

@@ -63,7 +63,10 @@ class EENClient(NumPyClient):
         gen = torch.Generator().manual_seed(self.client_seed * 100_003 + server_round)
         torch.manual_seed(self.client_seed * 100_003 + server_round)
         objective = losses.get(str(config["objective"]))
-        ctx = losses.ObjectiveContext(config, self.objective_state)
+        if config.get("record-difficulty"):
+            self.records["difficulty"] = self.difficulty_record(model)
+        received = {k: v.detach().clone() for k, v in model.named_parameters()}
+        ctx = losses.ObjectiveContext(config, self.objective_state, model, received)
         opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]),
                               momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
         train = self.data.train
@@ -93,6 +96,22 @@ class EENClient(NumPyClient):
             if augment and self.info.modality == "image":
                 xb = augment_images(xb, self.info.hflip, gen)
             yield xb.to(self.device), yb.to(self.device)
+
+    @torch.no_grad()
+    def difficulty_record(self, model: EarlyExitNet) -> dict[str, np.ndarray]:
+        """Per training sample: label and difficulty, the cross-entropy at the first exit of
+        the model as received this round (DarkDistill's difficulty assessment)."""
+        model.eval()
+        diffs = []
+        data = self.data.train
+        for start in range(0, len(data), 256):
+            xb = data.x[start:start + 256].to(self.device)
+            yb = data.y[start:start + 256].to(self.device)
+            z = model(xb).logits[0]
+            diffs.append(F.cross_entropy(z, yb, reduction="none").float().cpu())
+        model.train()
+        return {"labels": data.y.numpy().astype(np.int64),
+                "difficulty": torch.cat(diffs).numpy().astype(np.float32)}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]

@@ -18,8 +18,18 @@ from models.base import EEOutput
 
 @dataclass
 class ObjectiveContext:
+    """What an objective may read besides outputs and labels.
+
+    ``config`` is the strategy's per-client config for this round; ``state`` persists on the
+    node across rounds (the ClientApp keeps it in ``context.state``; store numpy arrays or
+    floats); ``model`` and ``received`` (the parameters as received this round) serve
+    parameter regularisers such as FedDyn's.
+    """
+
     config: Mapping[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    received: dict[str, Tensor] = field(default_factory=dict)
 
     def get(self, key: str, default: Any) -> Any:
         return type(default)(self.config.get(key, default))

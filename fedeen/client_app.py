@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -49,12 +50,29 @@ def _metrics(values: dict[str, Any], num_examples: int) -> MetricRecord:
     return MetricRecord({**clean, "num-examples": int(num_examples)})
 
 
+OBJECTIVE_STATE = "objective-state"
+
+
+def _load_objective_state(context: Context) -> dict[str, Any]:
+    if OBJECTIVE_STATE in context.state.array_records:
+        return {k: a.numpy() for k, a in context.state[OBJECTIVE_STATE].items()}
+    return {}
+
+
+def _save_objective_state(context: Context, state: dict[str, Any]) -> None:
+    if state:
+        context.state[OBJECTIVE_STATE] = ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in state.items()})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     client = client_for(context)
     keys, params, config = _unpack(msg)
     client.records = {}
+    client.objective_state = _load_objective_state(context)
     new_params, n, metrics = client.fit(params, config)
+    _save_objective_state(context, client.objective_state)
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in zip(keys, new_params)}),
         "metrics": _metrics(metrics, n),

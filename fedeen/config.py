@@ -66,6 +66,8 @@ class RunConfig:
     device: str = "auto"
     out_dir: str = ""
     checkpoint_every: int = 1
+    # strategy-specific options (keys registered by strategy modules), as sorted pairs
+    options: tuple[tuple[str, Any], ...] = ()
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -76,9 +78,35 @@ class RunConfig:
     def num_levels(self) -> int:
         return len(self.level_ratios)
 
+    def opt(self, key: str) -> Any:
+        """A strategy option by its run-config key (its registered default if not set)."""
+        given = dict(self.options)
+        if key in given:
+            return given[key]
+        if key in STRATEGY_OPTIONS:
+            return STRATEGY_OPTIONS[key]
+        raise KeyError(f"unknown strategy option {key!r}; registered: {sorted(STRATEGY_OPTIONS)}")
+
     def as_run_config(self) -> dict[str, Any]:
         """The hyphenated ``run_config`` form (what pyproject and ``--run-config`` use)."""
-        return {to_key(f.name): getattr(self, f.name) for f in fields(self)}
+        out = {to_key(f.name): getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        out.update({k: self.opt(k) for k in STRATEGY_OPTIONS})
+        return out
+
+
+#: run-config keys owned by strategy modules, with their defaults (see ``register_options``)
+STRATEGY_OPTIONS: dict[str, Any] = {}
+
+
+def register_options(defaults: Mapping[str, Any]) -> None:
+    """Declare a strategy's own run-config keys (hyphenated, prefixed by the strategy name).
+
+    Their defaults must also appear in pyproject's ``[tool.flwr.app.config]``.
+    """
+    for key, value in defaults.items():
+        if key in STRATEGY_OPTIONS or to_key(key.replace("-", "_")) in _FIELDS_NAMES:
+            raise ValueError(f"run-config key {key!r} is already defined")
+        STRATEGY_OPTIONS[key] = value
 
 
 def to_key(field_name: str) -> str:
@@ -95,7 +123,8 @@ def parse_ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
-_FIELDS = {to_key(f.name): f for f in fields(RunConfig)}
+_FIELDS = {to_key(f.name): f for f in fields(RunConfig) if f.name != "options"}
+_FIELDS_NAMES = set(_FIELDS)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -120,14 +149,19 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 def load_config(run_config: Mapping[str, Any], num_nodes: int | None = None) -> RunConfig:
     """Validate ``run_config`` (missing keys take defaults) and return the frozen config."""
-    unknown = sorted(set(run_config) - set(_FIELDS))
+    import strategies  # noqa: F401  (strategy modules register their option keys)
+
+    unknown = sorted(set(run_config) - set(_FIELDS) - set(STRATEGY_OPTIONS))
     if unknown:
-        raise ConfigError(f"unknown run-config keys {unknown}; valid keys: {', '.join(sorted(_FIELDS))}")
-    values = {}
+        valid = sorted([*_FIELDS, *STRATEGY_OPTIONS])
+        raise ConfigError(f"unknown run-config keys {unknown}; valid keys: {', '.join(valid)}")
+    values: dict[str, Any] = {}
     for key, f in _FIELDS.items():
         if key in run_config:
             values[f.name] = _coerce(key, run_config[key], f.default)
-    cfg = RunConfig(**values)
+    options = tuple(sorted((k, _coerce(k, v, STRATEGY_OPTIONS[k]))
+                           for k, v in run_config.items() if k in STRATEGY_OPTIONS))
+    cfg = RunConfig(**values, options=options)
     validate(cfg)
     return cfg
 

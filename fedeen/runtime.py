@@ -34,4 +34,7 @@ def model_config(cfg: RunConfig, info: DatasetInfo) -> ModelConfig:
 
 
 def family_for(cfg: RunConfig, info: DatasetInfo) -> EENFamily:
-    return EENFamily(cfg.model, model_config(cfg, info))
+    """The family the configured strategy trains (it may pick a variant of ``cfg.model``)."""
+    import strategies
+
+    return EENFamily(strategies.get(cfg.strategy).family_name(cfg), model_config(cfg, info))

@@ -1,5 +1,16 @@
-"""Server strategies over a shared heterogeneous-EEN base, selected by name."""
+"""Server strategies over a shared heterogeneous-EEN base, selected by name.
+
+Every module in this package is imported once here, so a strategy registers itself (and its
+run-config options) just by existing; nobody has to remember to list it.
+"""
+import importlib
+import pkgutil
+
 from strategies.registry import available, get, register
-from strategies import eefl  # noqa: F401  (registers the built-in strategies)
+
+_SUPPORT = {"base", "registry"}
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name not in _SUPPORT and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["available", "get", "register"]

@@ -94,6 +94,11 @@ class HeteroEENStrategy(Strategy):
     def check_config(cls, cfg: RunConfig) -> None:
         """Reject run configs the method cannot run (raise ConfigError); none by default."""
 
+    @classmethod
+    def family_name(cls, cfg: RunConfig) -> str:
+        """The model family this method trains for ``cfg.model`` (a variant if it needs one)."""
+        return cfg.model
+
     def level_spec(self, level: int) -> SubmodelSpec:
         """Depth scaling: level k holds the first k exits at full width."""
         return SubmodelSpec(level, 1.0)
@@ -108,6 +113,7 @@ class HeteroEENStrategy(Strategy):
         spec = self.level_spec(level)
         return {
             "server-round": server_round,
+            "num-rounds": self.cfg.num_server_rounds,
             "level": level,
             "depth": spec.depth,
             "width": spec.width,

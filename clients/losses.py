@@ -6,9 +6,12 @@ objectives that keep running statistics.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -77,3 +80,145 @@ def sum_ce(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
 def last_exit_ce(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     """Only the deepest local exit (InclusiveFL)."""
     return F.cross_entropy(out.logits[-1], y)
+
+
+# ---------------------------------------------------------------------- baselines' objectives
+def consistency_ramp(server_round: float, rampup_rounds: float) -> float:
+    """Sigmoid ramp-up of a distillation weight, exp(-5 (1 - min(t, R)/R)^2) (DepthFL, from
+    Flower's baseline); ``rampup_rounds`` <= 0 means the full weight from the start."""
+    if rampup_rounds <= 0:
+        return 1.0
+    phase = 1.0 - min(max(server_round, 0.0), rampup_rounds) / rampup_rounds
+    return math.exp(-5.0 * phase * phase)
+
+
+_PER_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def once_per_model(ctx: ObjectiveContext, name: str, setup: Callable[[], Any]) -> Any:
+    """``setup()`` run once for the model being trained (the client builds one per round),
+    its result cached for the later batches: tensors, hooks an objective installs."""
+    done = _PER_MODEL.setdefault(ctx.model, {})
+    if name not in done:
+        done[name] = setup()
+    return done[name]
+
+
+def clip_grad_values(ctx: ObjectiveContext, clip: float) -> None:
+    """Element-wise gradient clipping to [-clip, clip] (``clip_grad_value_``) without touching
+    the client: a hook on every parameter clamps its whole gradient of each backward pass
+    (autograd sums all contributions to a leaf before its hooks run)."""
+    if clip <= 0 or ctx.model is None:
+        return
+
+    def setup() -> bool:
+        for p in ctx.model.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g: g.clamp(-clip, clip))
+        return True
+
+    once_per_model(ctx, "grad-clip", setup)
+
+
+FEDDYN_PREFIX = "feddyn-g."
+
+
+def feddyn_penalty(ctx: ObjectiveContext, alpha: float) -> Tensor:
+    """FedDyn's client regulariser  -<theta, g_i> + alpha/2 ||theta - theta_global||^2.
+
+    ``g_i`` (one array per parameter, in ``ctx.state`` under ``feddyn-g.<name>``) is updated
+    once training ends, g_i <- g_i - alpha (theta_i - theta_global), as in Flower's DepthFL
+    baseline. The client has no end-of-training hook, so the update runs in a
+    ``state_dict`` post-hook on the model: the client reads its trained model out through
+    ``state_dict()`` to send it. The hook starts from the g_i of the round's start, so a
+    repeated read gives the same g_i.
+    """
+    model = ctx.model
+
+    def setup() -> dict[str, tuple[Tensor, Tensor]]:
+        terms = {}
+        for name, p in model.named_parameters():
+            g0 = ctx.state.get(FEDDYN_PREFIX + name)
+            g0 = torch.zeros_like(p) if g0 is None else torch.as_tensor(g0, dtype=p.dtype,
+                                                                         device=p.device)
+            terms[name] = (g0, ctx.received[name].to(p.device))
+
+        def update_g(module, state_dict, prefix, local_metadata) -> None:
+            with torch.no_grad():
+                for n, q in module.named_parameters():
+                    g, theta0 = terms[n]
+                    ctx.state[FEDDYN_PREFIX + n] = (g - alpha * (q - theta0)).cpu().numpy()
+
+        model.register_state_dict_post_hook(update_g)
+        return terms
+
+    terms = once_per_model(ctx, "feddyn", setup)
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, p in model.named_parameters():
+        g, theta0 = terms[name]
+        total = total - (p * g).sum() + 0.5 * alpha * (p - theta0).pow(2).sum()
+    return total
+
+
+@register("depthfl")
+def depthfl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
+    """DepthFL: every exit's CE plus mutual self-distillation from every other local exit,
+    sum_i [CE(z_i) + lambda_t/(k-1) sum_{j!=i} KL_T(z_j.detach || z_i)], lambda_t ramped up
+    over ``kd-rampup-rounds``; plus FedDyn's regulariser when ``feddyn-alpha`` > 0."""
+    k = out.num_exits
+    ce = torch.stack([F.cross_entropy(z, y) for z in out.logits]).sum()
+    loss = ce
+    if k > 1:
+        lam = consistency_ramp(ctx.get("server-round", 0.0), ctx.get("kd-rampup-rounds", 0.0))
+        t = ctx.get("kd-temperature", 1.0)
+        kd = sum(kl_distill(zi, zj, t) for i, zi in enumerate(out.logits)
+                 for j, zj in enumerate(out.logits) if j != i)
+        loss = loss + lam / (k - 1) * kd
+    alpha = ctx.get("feddyn-alpha", 0.0)
+    if alpha > 0:
+        loss = loss + feddyn_penalty(ctx, alpha)
+    return loss
+
+
+@register("scalefl")
+def scalefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
+    """ScaleFL: exit j (1-based) weighted by j, the intermediate exits also distilled from the
+    local last exit, normalised by k(k+1)/2:
+    [sum_{j<k} j (CE(z_j) + gamma KL_T(z_k.detach || z_j)) + k CE(z_k)] / (k(k+1)/2).
+    ``kd-gamma`` is 0 before the strategy turns distillation on."""
+    k = out.num_exits
+    gamma, t = ctx.get("kd-gamma", 0.0), ctx.get("kd-temperature", 1.0)
+    last = out.logits[-1]
+    loss = k * F.cross_entropy(last, y)
+    for j, z in enumerate(out.logits[:-1], start=1):
+        term = F.cross_entropy(z, y)
+        if gamma > 0:
+            term = term + gamma * kl_distill(z, last, t)
+        loss = loss + j * term
+    return loss / (k * (k + 1) / 2)
+
+
+REEFL_MA, REEFL_ROUND = "reefl-ma", "reefl-round"
+
+
+@register("reefl")
+def reefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
+    """ReeFL: every exit's CE plus KL_1 from the teacher exit t to every other exit, t = the
+    exit with the lowest moving-average training CE (0.8 old + 0.2 batch, reset to zero at
+    the start of each round as in the authors' ``dynamic_ma``; updated before t is chosen).
+    ``grad-clip`` > 0 clips gradients element-wise (the authors clip at 1.0)."""
+    clip_grad_values(ctx, ctx.get("grad-clip", 0.0))
+    ces = [F.cross_entropy(z, y) for z in out.logits]
+    rnd = float(ctx.get("server-round", 0.0))
+    ma = ctx.state.get(REEFL_MA)
+    if ma is None or len(ma) != len(ces) or float(ctx.state.get(REEFL_ROUND, -1.0)) != rnd:
+        ma = np.zeros(len(ces))
+    ma = 0.8 * np.asarray(ma, dtype=np.float64) + 0.2 * np.array([float(c.detach()) for c in ces])
+    ctx.state[REEFL_MA], ctx.state[REEFL_ROUND] = ma, rnd
+    loss = torch.stack(ces).sum()
+    if len(ces) > 1:
+        t = int(np.argmin(ma))
+        lam = consistency_ramp(rnd, ctx.get("kd-rampup-rounds", 0.0))
+        kd = sum(kl_distill(z, out.logits[t], 1.0) for j, z in enumerate(out.logits) if j != t)
+        loss = loss + lam * kd
+    return loss

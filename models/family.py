@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import models.zoo  # noqa: F401  (registers the built-in backbones)
+import models.ree  # noqa: F401
 from models import registry
 from models.base import EarlyExitNet, SubmodelSpec, count_forward_flops
 from models.registry import ModelConfig

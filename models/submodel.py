@@ -23,7 +23,7 @@ def slice_state(global_state: Mapping[str, np.ndarray],
     missing = [k for k in shapes if k not in global_state]
     if missing:
         raise KeyError(f"global state lacks {len(missing)} tensors of the submodel, e.g. {missing[:3]}")
-    return {k: np.ascontiguousarray(global_state[k][leading_slice(s)]) for k, s in shapes.items()}
+    return {k: np.array(global_state[k][leading_slice(s)], order="C") for k, s in shapes.items()}
 
 
 def reply_problems(reply: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
@@ -62,7 +62,7 @@ class ElementwiseMean:
                 self.total[k] = np.zeros(g.shape, dtype=np.float64)
                 self.weight[k] = np.zeros(g.shape, dtype=np.float64)
             sl = leading_slice(a.shape)
-            self.total[k][sl] += weight * a
+            self.total[k][sl] += weight * a.astype(np.float64)
             self.weight[k][sl] += weight
 
     def result(self) -> State:

@@ -65,7 +65,7 @@ class RoundObserver:
 
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
 
 
 def from_record(record: ArrayRecord) -> State:

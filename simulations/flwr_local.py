@@ -1,0 +1,118 @@
+"""Run ``flwr run .`` as a subprocess in an isolated FLWR_HOME and clean up after it.
+
+`flwr run` starts a detached local SuperLink that outlives the run; we stop it by PID, found
+through its command line, which names this FLWR_HOME (never by process name).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def run_config_arg(overrides: dict[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of SuperLinks started for ``flwr_home`` (their command line names it)."""
+    marker = str(flwr_home).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flower-superlink" in cmd and marker in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_superlinks(flwr_home: Path, wait: float = 10.0) -> list[int]:
+    pids = superlink_pids(flwr_home)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + wait
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if Path(f"/proc/{pid}").exists():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+@dataclass
+class FlwrRun:
+    returncode: int
+    seconds: float
+    log: str
+    run_dirs: list[Path]
+
+    def metrics(self) -> dict[str, Any]:
+        if not self.run_dirs:
+            raise RuntimeError("the run wrote no run directory; log tail:\n" + self.log[-3000:])
+        return json.loads((self.run_dirs[-1] / "metrics.json").read_text())
+
+
+def flwr_run(overrides: dict[str, Any], out_dir: Path, flwr_home: Path, num_supernodes: int = 4,
+             timeout: float = 3600, echo: bool = False, extra_args: Iterable[str] = ()) -> FlwrRun:
+    """``flwr run . --stream`` with ``overrides``; results land in a fresh ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(out_dir.iterdir())
+    overrides = {**overrides, "out-dir": str(out_dir)}
+    cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(PROJECT), "--stream",
+           "--federation-config",
+           f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+           "--run-config", run_config_arg(overrides), *extra_args]
+    t0 = time.perf_counter()
+    lines = []
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=flwr_env(flwr_home), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+                lines.append(f"fedeen: killed after {timeout}s\n")
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    new = sorted(p for p in set(out_dir.iterdir()) - before if (p / "metrics.json").exists())
+    return FlwrRun(proc.returncode or 0, time.perf_counter() - t0, "".join(lines), new)

@@ -30,7 +30,7 @@ class RunConfig:
     input_column: str = ""
     label_column: str = ""
     # federation and data split
-    num_server_rounds: int = 5
+    num_server_rounds: int = 20
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_nodes: int = 2
@@ -43,7 +43,7 @@ class RunConfig:
     max_samples_per_client: int = 0
     max_test_samples: int = 0
     # local training
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
     lr_decay: float = 0.99

@@ -116,3 +116,23 @@ def flwr_run(overrides: dict[str, Any], out_dir: Path, flwr_home: Path, num_supe
             proc.kill()
     new = sorted(p for p in set(out_dir.iterdir()) - before if (p / "metrics.json").exists())
     return FlwrRun(proc.returncode or 0, time.perf_counter() - t0, "".join(lines), new)
+
+
+def main() -> None:
+    """``python -m simulations.flwr_local stop``: stop the SuperLink `flwr run` left behind."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=["stop", "list"])
+    parser.add_argument("--flwr-home", default=os.environ.get("FLWR_HOME", "~/.flwr"))
+    args = parser.parse_args()
+    home = Path(os.path.expanduser(args.flwr_home)).resolve()
+    if args.action == "list":
+        print(" ".join(map(str, superlink_pids(home))) or "none")
+    else:
+        stopped = stop_superlinks(home)
+        print(f"stopped SuperLink PIDs: {stopped}" if stopped else f"no SuperLink for {home}")
+
+
+if __name__ == "__main__":
+    main()

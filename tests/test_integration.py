@@ -1,0 +1,41 @@
+"""Real Flower simulations on Ray through ``flwr run`` (slow: about a minute each)."""
+import pytest
+
+from simulations.flwr_local import flwr_run, stop_superlinks
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def flwr_home(tmp_path):
+    home = tmp_path / "flwr-home"
+    yield home
+    stop_superlinks(home)
+
+
+def test_two_round_simulation_on_digits(tmp_path, flwr_home):
+    run = flwr_run({"num-server-rounds": 2, "local-epochs": 3}, tmp_path / "runs", flwr_home,
+                   num_supernodes=4, timeout=900)
+    metrics = run.metrics()
+    rounds = metrics["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert r["train"]["clients-ok"] == 4 and r["train"]["clients-failed"] == 0
+    final = metrics["final"]
+    accs = [final[f"acc-exit-{j}"] for j in range(1, 5)]
+    assert all(a is not None for a in accs), "every exit's accuracy is reported"
+    assert final["acc-mean"] > 0.2 and max(accs) > 0.3, f"not above chance (10%): {accs}"
+    run_dir = run.run_dirs[-1]
+    for name in ("config.json", "history.csv", "final_model.pt", "checkpoint.pt",
+                 "exit_accuracy.png", "budget_curve.png"):
+        assert (run_dir / name).exists(), name
+    assert "[round 2/2]" in run.log
+
+
+def test_unknown_strategy_fails_with_the_valid_names(tmp_path, flwr_home):
+    import strategies
+
+    run = flwr_run({"strategy": "fedsomething"}, tmp_path / "runs", flwr_home, timeout=300)
+    assert "unknown strategy 'fedsomething'" in run.log
+    assert all(name in run.log for name in strategies.available())
+    assert not run.run_dirs

@@ -39,3 +39,13 @@ def test_unknown_strategy_fails_with_the_valid_names(tmp_path, flwr_home):
     assert "unknown strategy 'fedsomething'" in run.log
     assert all(name in run.log for name in strategies.available())
     assert not run.run_dirs
+
+
+def test_real_deployment_superlink_and_supernodes(tmp_path):
+    """flower-superlink + 4 flower-supernodes with budget-level in their node config."""
+    from simulations.deploy_local import deploy
+
+    rc, log = deploy({"num-server-rounds": 1, "out-dir": str(tmp_path / "runs")}, 4,
+                     tmp_path / "deploy", timeout=900)
+    assert rc == 0, log[-3000:]
+    assert "[round 1/1]" in log and "clients ok 4 failed 0" in log

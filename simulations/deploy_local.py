@@ -1,0 +1,113 @@
+"""A real deployment on this machine: one SuperLink, N SuperNodes with their budget levels,
+and ``flwr run`` against them (no simulation engine, no Ray).
+
+Each SuperNode gets ``--node-config "partition-id=i num-partitions=N budget-level=k"``, as an
+operator would set per device; the server learns each level through its query message. All
+processes are started here and stopped by PID at the end.
+
+    python -m simulations.deploy_local --nodes 4 --set num-server-rounds=2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedeen.budgets import level_for_partition
+from fedeen.config import load_config
+from simulations.flwr_local import PROJECT, flwr_env, run_config_arg
+from simulations.run_grid import parse_value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def deploy(overrides: dict, nodes: int, work: Path, timeout: float = 1800) -> tuple[int, str]:
+    bindir = Path(sys.executable).parent
+    home = work / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = flwr_env(home)
+    link_port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedeen-deploy"\n\n[superlink.fedeen-deploy]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start(name: str, args: list[str]) -> None:
+        log = open(work / f"{name}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=work, start_new_session=True))
+
+    ratios = load_config(overrides).level_ratios
+    try:
+        start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                            "--host", "127.0.0.1", "--port", str(link_port),
+                            "--database", str(work / "state.db")])
+        wait_for_port(link_port)
+        for i in range(nodes):
+            level = level_for_partition(i, nodes, ratios)
+            start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
+                                    f"127.0.0.1:{link_port}", "--port", str(free_port()),
+                                    "--node-config",
+                                    f"partition-id={i} num-partitions={nodes} budget-level={level}"])
+        cmd = [str(bindir / "flwr"), "run", str(PROJECT), "fedeen-deploy", "--stream",
+               "--run-config", run_config_arg({**overrides, "min-nodes": nodes})]
+        done = subprocess.run(cmd, env=env, cwd=PROJECT, capture_output=True, text=True,
+                              timeout=timeout)
+        return done.returncode, done.stdout + done.stderr
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--work", type=Path, default=None)
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = parse_value(value)
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedeen-deploy-"))
+    overrides.setdefault("out-dir", str(work / "runs"))
+    t0 = time.perf_counter()
+    rc, log = deploy(overrides, args.nodes, work)
+    print(log)
+    print(f"deployment run finished with exit code {rc} in {time.perf_counter() - t0:.1f}s; "
+          f"logs in {work}")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

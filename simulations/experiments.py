@@ -1,0 +1,32 @@
+"""Named experiment settings for the grid runner (run-config overrides)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The CPU scale used for the tables in the README: 8 clients (2 per budget level), a small
+# DeiT-style ViT (4 blocks, dim 64, 2 heads, patch 4 on 32x32), 400 samples per client.
+CPU_VIT: dict[str, Any] = {
+    "model": "vit", "vit-blocks": 4, "vit-dim": 64, "vit-heads": 2, "vit-patch": 4,
+    "vit-mlp-ratio": 2.0, "max-samples-per-client": 400, "max-test-samples": 2000,
+    "num-server-rounds": 15, "local-epochs": 1, "batch-size": 32,
+}
+
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "cifar10-cpu-vit": {"dataset": str(SHARED_DATA / "cifar10"), **CPU_VIT},
+    "cifar10-cpu-cnn": {"dataset": str(SHARED_DATA / "cifar10"), "model": "cnn",
+                        "cnn-width": 16, "max-samples-per-client": 400,
+                        "max-test-samples": 2000, "num-server-rounds": 15},
+    "fsdd-cpu-cnn": {"dataset": str(SHARED_DATA / "fsdd"), "model": "cnn", "cnn-width": 16,
+                     "num-server-rounds": 15},
+}
+
+
+def experiment(name: str) -> dict[str, Any]:
+    try:
+        return dict(EXPERIMENTS[name])
+    except KeyError:
+        raise SystemExit(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}") from None

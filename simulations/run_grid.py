@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 print(f"{tag}: FAILED after {run.seconds:.0f}s\n{err}", flush=True)
                 continue
-            row = {**c, "dataset": Path(c["dataset"]).name, **summary}
+            row = {**c, "dataset": Path(c["dataset"]).name, **summary, "wall_s": run.seconds}
             rows.append(row)
             with open(done_path, "a") as fh:
                 fh.write(json.dumps({**row, "dataset": c["dataset"]}) + "\n")

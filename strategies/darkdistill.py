@@ -23,7 +23,7 @@ Round structure (server side):
    n^(k) (= segment s averaged over levels k >= s), written back into every level model; the
    full-depth result is the global EEN.
 
-Deviations and choices (see also the report in the module's tests):
+Deviations and choices:
 
 - Difficulty-matching weights use each generated sample's REAL continuous difficulty (the
   requested condition, i.e. a real client sample's measured CE; with difficulty conditioning
@@ -38,6 +38,9 @@ Deviations and choices (see also the report in the module's tests):
   optimisers every round. Learning rates follow lr * ``darkdistill-server-lr-decay``^(round-1).
 - Student levels with no clients this round take no part in the reverse KD: the merge gives
   them zero weight, so distilling into them would be discarded work.
+- Server KD steps clip the gradient norm at ``darkdistill-kd-max-grad-norm`` (5; 0 = off).
+  Not in the source: without it DarkDistill-PL's CNN global model diverged to NaN within one
+  round (RKD plus the |increase| term, which ascends the CE of easier batches).
 - With ``darkdistill-reverse-kd = false`` (the "w/o RKD" ablation) generators are not trained
   either (nothing would use them); the round is per-level FedAvg + merge.
 """
@@ -73,6 +76,7 @@ OPTIONS: dict[str, Any] = {
     "darkdistill-gen-hidden": 1000,        # generator MLP width
     "darkdistill-kd-dist-ratio": 5.0,      # kd_dist_ratio
     "darkdistill-kd-angle-ratio": 10.0,    # kd_angle_ratio
+    "darkdistill-kd-max-grad-norm": 5.0,   # safety clip of server KD steps (0 = off; not in source)
     "darkdistill-server-lr-decay": 1.0,    # s_gamma
     "darkdistill-difficulty-conditioning": True,  # false = "w/o DC" ablation
     "darkdistill-reverse-kd": True,        # false = "w/o RKD" ablation
@@ -221,8 +225,8 @@ def difficulty_generator_step(generator: LatentGenerator, opt: torch.optim.Optim
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=list(generator.parameters()))
     opt.step()
-    return {"gen-loss": float(loss), "gen-ce": float(ce), "gen-div": float(div),
-            "gen-diff-mse": float(mse), "gen-diff-req": float(difficulty.float().mean()),
+    return {"gen-loss": loss.item(), "gen-ce": ce.item(), "gen-div": div.item(),
+            "gen-diff-mse": mse.item(), "gen-diff-req": float(difficulty.float().mean()),
             "gen-diff-meas": float(measured.detach().mean())}
 
 
@@ -240,6 +244,12 @@ class Means:
 
     def result(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def clip_grads(opt: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the gradient norm of an optimiser's parameters (``max_norm`` <= 0: no clipping)."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
 
 
 def check_positive(cfg: RunConfig, ints: Iterable[str], floats: Iterable[str]) -> None:
@@ -313,8 +323,9 @@ class GeneratorKDStrategy(HeteroEENStrategy):
         check_positive(cfg, ["darkdistill-kd-iters", "darkdistill-gen-iters",
                              "darkdistill-gen-hidden"],
                        ["darkdistill-kd-lr", "darkdistill-gen-lr", "darkdistill-server-lr-decay"])
-        if float(cfg.opt("darkdistill-kd-weight-decay")) < 0:
-            raise ConfigError("run-config darkdistill-kd-weight-decay must be >= 0")
+        for key in ("darkdistill-kd-weight-decay", "darkdistill-kd-max-grad-norm"):
+            if float(cfg.opt(key)) < 0:
+                raise ConfigError(f"run-config {key} = {cfg.opt(key)!r} must be >= 0")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -447,8 +458,9 @@ class DarkDistill(GeneratorKDStrategy):
         if loss.requires_grad:
             loss.backward()
             for opt in sgd.values():
+                clip_grads(opt, float(self.opt("kd-max-grad-norm")))
                 opt.step()
-        return float(loss)
+        return loss.item()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

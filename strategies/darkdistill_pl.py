@@ -1,0 +1,213 @@
+"""DarkDistill-PL (KDD 2025, the "parallel" variant; authors' code name ``darkflpa2``),
+methods.md section 3.
+
+- Clients receive slices of the global EEN (as every per-segment method) and upload their
+  models plus per-sample labels (the generic ``record-difficulty`` record; only its labels
+  are used).
+- ``aggregate``: the usual per-segment average of the uploads into the global EEN (the base),
+  and, as teachers only, per-level FedAvg models W^(k) of this round's uploads.
+- ``server_step``, ``darkdistill-pl-server-epochs`` (2) times:
+  a. one label-conditional generator G_j per exit j; labels drawn from the pooled labels of
+     the levels that own exit j (= the n^(k)-weighted mixture of their label distributions),
+     ``darkdistill-pl-batch-size`` (16) per generator;
+  b. one joint Adam step of all generators on
+     CE(t_j(x_j), y) + diversity - g_gap * mean(delta(x_j) - delta(x_{j-1})) (j > 1), where
+     t_j = sum_{k>=j} n^(k)/sum n * z^(k)_j is the example-weighted ensemble of exit j over
+     the level models holding it and delta(x) the per-exit CE vector of the global model
+     ("increase": deeper exits' generators must produce harder samples);
+  c. ``darkdistill-kd-iters`` (5) SGD steps of the global model on
+     sum_s sum_{t in {s-1,s,s+1}} [5 RKD_dist + 10 RKD_angle](h^G_s(x_t), ensemble feature_t)
+     + g_gap * sum_{j>1} |mean(delta(x_j) - delta(x_{j-1}))|.
+  Every global exit s distils from its own and the adjacent exits' generated batches, all
+  exits in parallel. We take the student feature of exit s itself (the intended h^G_s); the
+  authors' code takes that of exit min(t+1, M) for every s sharing t.
+
+Choices (beyond DarkDistill's, which apply here too: BatchNorm in eval mode on the server,
+persistent generator Adam states, seeded server randomness):
+- ``darkdistill-pl-increase = false`` drops both "increase" terms (generator and KD), the
+  paper's "w/o increasing difficulty" ablation.
+- Server learning rates decay by ``darkdistill-pl-server-lr-decay`` (0.99, the scripts'
+  s_gamma) per round; generator lr, KD lr, weight decay, iterations and RKD ratios are the
+  ``darkdistill-*`` options.
+- Exits whose owning levels sent nothing this round get no generator step and teach nothing.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from fedeen.config import ConfigError, RunConfig, register_options
+from models.base import EarlyExitNet, EEOutput
+from models.family import EENFamily
+from models.generator import diversity_loss
+from models.submodel import State
+from strategies.base import ClientUpdate
+from strategies.darkdistill import (GeneratorKDStrategy, Means, check_positive, clip_grads,
+                                    level_fedavg, to_numpy, to_torch)
+from strategies.kd_losses import rkd_loss
+from strategies.registry import register
+
+OPTIONS: dict[str, Any] = {
+    "darkdistill-pl-server-epochs": 2,
+    "darkdistill-pl-batch-size": 16,        # bs / 2
+    "darkdistill-pl-server-lr-decay": 0.99,  # s_gamma of the PL scripts
+    "darkdistill-pl-increase": True,        # false = "w/o increasing difficulty" ablation
+    "darkdistill-pl-gap-weight": 1.0,       # g_gap
+}
+register_options(OPTIONS)
+
+
+def exit_ce(out: EEOutput, y: Tensor) -> Tensor:
+    """delta(x): per-sample, per-exit cross-entropy, shape (batch, exits)."""
+    return torch.stack([F.cross_entropy(z, y, reduction="none") for z in out.logits], dim=1)
+
+
+def increase_gaps(deltas: list[Tensor | None]) -> list[Tensor]:
+    """mean(delta(x_j) - delta(x_{j-1}).detach()) for consecutive exits that both have a batch."""
+    return [(deltas[j] - deltas[j - 1].detach()).mean()
+            for j in range(1, len(deltas)) if deltas[j] is not None and deltas[j - 1] is not None]
+
+
+def adjacent_kd_loss(student_feats: dict[int, list[Tensor]], teacher_feats: dict[int, Tensor],
+                     num_exits: int, dist_ratio: float, angle_ratio: float) -> Tensor:
+    """sum_s sum_{t in {s-1,s,s+1}} RKD(h^G_s(x_t), teacher feature_t) (0-based exits).
+
+    ``student_feats[t]`` are the global model's exit features on batch x_t; batches without
+    a teacher (missing keys) are skipped.
+    """
+    terms = [rkd_loss(student_feats[t][s], teacher_feats[t], dist_ratio, angle_ratio)
+             for s in range(num_exits) for t in (s - 1, s, s + 1)
+             if 0 <= t < num_exits and t in teacher_feats]
+    return torch.stack(terms).sum()
+
+
+@register("darkdistill-pl")
+class DarkDistillPL(GeneratorKDStrategy):
+    """Per-segment averaging, then exit-wise parallel distillation from level ensembles."""
+
+    def __init__(self, cfg: RunConfig, family: EENFamily) -> None:
+        super().__init__(cfg, family)
+        self.teachers: dict[int, State] = {}
+        for j in range(1, family.num_exits + 1):
+            self.add_generator(j, difficulty_input=False)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        cls.check_common(cfg)
+        check_positive(cfg, ["darkdistill-pl-server-epochs", "darkdistill-pl-batch-size"],
+                       ["darkdistill-pl-server-lr-decay"])
+        if float(cfg.opt("darkdistill-pl-gap-weight")) < 0:
+            raise ConfigError("run-config darkdistill-pl-gap-weight must be >= 0")
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
+        self.record_uploads(updates)
+        self.teachers = {}
+        for k in sorted({u.level for u in updates}):
+            level = [u for u in updates if u.level == k]
+            self.teachers[k] = level_fedavg(level[0].state, level)
+        return super().aggregate(server_round, updates)
+
+    def server_step(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        owners = {j: [k for k in self.teachers if k >= j and k in self.conditions]
+                  for j in range(1, self.family.num_exits + 1)}
+        owners = {j: ks for j, ks in owners.items() if ks}
+        if not owners:
+            return {}
+        dev, rng = self.device, self.round_rng(server_round)
+        scale = float(self.opt("pl-server-lr-decay")) ** (server_round - 1)
+        self.set_gen_lr(scale)
+        models = {k: to_torch(self.family, self.level_spec(k), s, dev) for k, s in self.teachers.items()}
+        for m in models.values():
+            m.requires_grad_(False)
+        student = to_torch(self.family, self.family.global_spec, self.global_state, dev)
+        sgd = self.kd_sgd(student.parameters(), scale)
+        weights = {j: [self.level_examples[k] / sum(self.level_examples[i] for i in ks) for k in ks]
+                   for j, ks in owners.items()}
+        labels = {j: np.concatenate([self.conditions[k]["labels"] for k in ks])
+                  for j, ks in owners.items()}
+        bs = int(self.opt("pl-batch-size"))
+        ensemble = functools.partial(self.ensemble, models, owners, weights)
+        stats = Means()
+        for _epoch in range(int(self.opt("pl-server-epochs"))):
+            y = {j: torch.from_numpy(labels[j][torch.randint(0, len(labels[j]), (bs,),
+                                                             generator=rng).numpy()]).to(dev)
+                 for j in owners}
+            for _ in range(int(self.opt("gen-iters"))):
+                stats.add(self.generator_step(owners, y, ensemble, student, rng))
+            stats.add(self.kd_steps(owners, y, ensemble, student, sgd, rng))
+        self.global_state = to_numpy(student)
+        return stats.result()
+
+    @staticmethod
+    def ensemble(models: dict[int, EarlyExitNet], owners: dict[int, list[int]],
+                 weights: dict[int, list[float]], j: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher of exit j on x: example-weighted mean of exit j's logits and features over
+        the level models that hold it."""
+        outs = [models[k].forward_latent(x) for k in owners[j]]
+        z = sum(w * o.logits[j - 1] for w, o in zip(weights[j], outs))
+        h = sum(w * o.features[j - 1] for w, o in zip(weights[j], outs))
+        return z, h
+
+    def _deltas(self, student: EarlyExitNet, xs: dict[int, Tensor], y: dict[int, Tensor]
+                ) -> tuple[dict[int, EEOutput], list[Tensor | None]]:
+        outs = {j: student.forward_latent(x) for j, x in xs.items()}
+        deltas = [exit_ce(outs[j], y[j]) if j in outs else None
+                  for j in range(1, self.family.num_exits + 1)]
+        return outs, deltas
+
+    def generator_step(self, owners: dict[int, list[int]], y: dict[int, Tensor], ensemble,
+                       student: EarlyExitNet, rng: torch.Generator) -> dict[str, float]:
+        """One joint Adam step of all exit generators."""
+        gens = [self.generators[j] for j in owners]
+        xs, ce, div = {}, [], []
+        for j in owners:
+            g = self.generators[j].train()
+            eps = g.noise(len(y[j]), rng, self.device)
+            xs[j] = g(y[j], eps)
+            ce.append(F.cross_entropy(ensemble(j, xs[j])[0], y[j]))
+            div.append(diversity_loss(eps, xs[j]))
+        _, deltas = self._deltas(student, xs, y)
+        gaps = increase_gaps(deltas) if self.opt("pl-increase") else []
+        gap = torch.stack(gaps).sum() if gaps else torch.zeros((), device=self.device)
+        loss = torch.stack(ce).sum() + torch.stack(div).sum() \
+            - float(self.opt("pl-gap-weight")) * gap
+        for j in owners:
+            self.gen_opts[j].zero_grad(set_to_none=True)
+        loss.backward(inputs=[p for g in gens for p in g.parameters()])
+        for j in owners:
+            self.gen_opts[j].step()
+        metrics = {"gen-loss": loss.item(), "gen-ce": torch.stack(ce).mean().item(),
+                   "gen-div": torch.stack(div).mean().item(), "gen-gap": gap.item()}
+        metrics.update({f"gen-diff-e{j}": deltas[j - 1].mean().item() for j in owners})
+        return metrics
+
+    def kd_steps(self, owners: dict[int, list[int]], y: dict[int, Tensor], ensemble,
+                 student: EarlyExitNet, sgd: torch.optim.SGD, rng: torch.Generator
+                 ) -> dict[str, float]:
+        """``darkdistill-kd-iters`` SGD steps of the global model on fixed generated batches."""
+        with torch.no_grad():
+            xs = {}
+            for j in owners:
+                g = self.generators[j].eval()
+                xs[j] = g(y[j], g.noise(len(y[j]), rng, self.device))
+            t_feats = {j - 1: ensemble(j, xs[j])[1] for j in owners}
+        m = self.family.num_exits
+        ratios = float(self.opt("kd-dist-ratio")), float(self.opt("kd-angle-ratio"))
+        stats = Means()
+        for _ in range(int(self.opt("kd-iters"))):
+            outs, deltas = self._deltas(student, xs, y)
+            kd = adjacent_kd_loss({j - 1: o.features for j, o in outs.items()}, t_feats, m, *ratios)
+            gaps = increase_gaps(deltas) if self.opt("pl-increase") else []
+            gap = torch.stack([g.abs() for g in gaps]).sum() if gaps else kd * 0.0
+            loss = kd + float(self.opt("pl-gap-weight")) * gap
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_grads(sgd, float(self.opt("kd-max-grad-norm")))
+            sgd.step()
+            stats.add({"kd-loss": loss.item(), "kd-rkd": kd.item(), "kd-gap": gap.item()})
+        return stats.result()

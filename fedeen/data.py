@@ -138,19 +138,22 @@ def fit_clip(clip: np.ndarray, length: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- decoders
+def _ref_bytes(ref) -> bytes:
+    data = ref.get("bytes") if isinstance(ref, dict) else ref
+    if data is None:
+        with open(ref["path"], "rb") as fh:
+            data = fh.read()
+    return data
+
+
 def decode_image_refs(refs: list, in_chans: int) -> torch.Tensor:
     """Encoded images (dicts with bytes/path, raw bytes) -> uint8 (N, C, H, W)."""
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
-    mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
-    out = []
-    for ref in refs:
-        data = ref.get("bytes") if isinstance(ref, dict) else ref
-        if data is None:
-            with open(ref["path"], "rb") as fh:
-                data = fh.read()
-        out.append(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode))
-    return torch.stack(out)
+    mode = "RGB" if in_chans == 3 else "L"
+    arrays = [np.asarray(Image.open(io.BytesIO(_ref_bytes(r))).convert(mode)) for r in refs]
+    x = torch.from_numpy(np.stack(arrays))
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 def decode_wav(ref: dict) -> tuple[np.ndarray, int]:
@@ -163,13 +166,9 @@ def decode_wav(ref: dict) -> tuple[np.ndarray, int]:
 
 def image_channels(ref) -> int:
     """1 for grayscale datasets, else 3 (palette/alpha images are read as RGB)."""
-    from torchvision.io import decode_image
+    from PIL import Image
 
-    data = ref.get("bytes") if isinstance(ref, dict) else ref
-    if data is None:
-        with open(ref["path"], "rb") as fh:
-            data = fh.read()
-    return 1 if decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape[0] == 1 else 3
+    return 1 if Image.open(io.BytesIO(_ref_bytes(ref))).mode in ("L", "1", "I;16") else 3
 
 
 # ---------------------------------------------------------------------------- sources

@@ -124,14 +124,15 @@ class RunRecorder(RoundObserver):
 
     def _write_history(self, cols: list[str]) -> None:
         timing_keys = list(RoundTimings().as_dict())
+        central = [*cols, "acc-mean", "acc-std", "val-acc-mean"]
+        central += sorted({k for r in self.rounds for k in r["central"]} - set(central))
         with open(self.path / "history.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["round", *cols, "acc-mean", "acc-std", "val-acc-mean", "train-loss",
-                        "clients-ok", "clients-failed", *[f"t-{k}" for k in timing_keys]])
+            w.writerow(["round", *central, "train-loss", "clients-ok", "clients-failed",
+                        *[f"t-{k}" for k in timing_keys]])
             for r in self.rounds:
                 c, t = r["central"], r["train"]
-                w.writerow([r["round"], *[c.get(k) for k in cols], c.get("acc-mean"),
-                            c.get("acc-std"), c.get("val-acc-mean"), t.get("train-loss"),
+                w.writerow([r["round"], *[c.get(k) for k in central], t.get("train-loss"),
                             t.get("clients-ok"), t.get("clients-failed"),
                             *[r["timings"][k] for k in timing_keys]])
 

@@ -17,7 +17,7 @@ from fedeen.evaluation import budget_curve, exit_accuracies, predict
 from fedeen.results import RunRecorder, exit_columns
 from fedeen.runtime import family_for, resolve_device, seed_everything
 from models.family import EENFamily
-from strategies.base import to_record
+from strategies.base import HeteroEENStrategy, to_record
 
 app = ServerApp()
 
@@ -26,8 +26,9 @@ class CentralEvaluator:
     """Per-exit accuracy of the global EEN on the server's test split after every round."""
 
     def __init__(self, family: EENFamily, data: ServerData, cfg: RunConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, strategy: HeteroEENStrategy) -> None:
         self.family, self.data, self.cfg, self.device = family, data, cfg, device
+        self.strategy = strategy
         self.model = family.build()
         self.exit_costs = family.exit_costs()
         self.last_val: list[torch.Tensor] = []
@@ -43,6 +44,7 @@ class CentralEvaluator:
         metrics = dict(zip(exit_columns(len(test_acc)), test_acc))
         metrics.update({"acc-mean": float(np.mean(test_acc)), "acc-std": float(np.std(test_acc)),
                         "val-acc-mean": float(np.mean(val_acc))})
+        metrics.update(self.strategy.extra_central_metrics(self.last_test, self.data.test.y))
         return MetricRecord(metrics)
 
     def curve(self):
@@ -57,7 +59,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     data = load_server_data(cfg)
     family = family_for(cfg, data.info)
     strategy = strategies.get(cfg.strategy)(cfg, family)
-    evaluator = CentralEvaluator(family, data, cfg, device)
+    evaluator = CentralEvaluator(family, data, cfg, device, strategy)
     recorder = RunRecorder(cfg, family.num_exits, evaluator.exit_costs)
     log(logging.INFO, "fedeen: %s on %s (%d classes, %s), %s model, %d rounds; run dir %s "
         "(setup %.1fs)", cfg.strategy, data.info.name, data.info.num_classes, data.info.modality,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from models.base import EEOutput, SubmodelSpec
 from models.registry import ModelConfig, register
 from models.vit import Block, EarlyExitViT, TokenExit, _init_weights
-from models.zoo import frontend_for
+from models.zoo import build_vit_like
 
 REE_HEADS = 8
 REE_ATTN_DIM = 16
@@ -83,7 +83,4 @@ class EarlyExitReeViT(EarlyExitViT):
 
 @register("vit-ree")
 def build_vit_ree(cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitReeViT:
-    frontend, in_chans = frontend_for(cfg)
-    return EarlyExitReeViT(spec, cfg.num_classes, in_chans, cfg.image_size, cfg.vit_patch,
-                           cfg.vit_dim, cfg.vit_blocks, cfg.vit_heads, cfg.vit_mlp_ratio,
-                           cfg.num_exits, frontend)
+    return build_vit_like(EarlyExitReeViT, cfg, spec)

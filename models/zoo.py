@@ -27,9 +27,13 @@ def build_cnn(cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitNet:
                         cfg.cnn_blocks, cfg.num_exits, frontend)
 
 
+def build_vit_like(cls: type[EarlyExitViT], cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitViT:
+    """Any ViT-shaped EEN class from the config (shared by ViT variants such as ReeFL's)."""
+    frontend, in_chans = frontend_for(cfg)
+    return cls(spec, cfg.num_classes, in_chans, cfg.image_size, cfg.vit_patch, cfg.vit_dim,
+               cfg.vit_blocks, cfg.vit_heads, cfg.vit_mlp_ratio, cfg.num_exits, frontend)
+
+
 @register("vit")
 def build_vit(cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitNet:
-    frontend, in_chans = frontend_for(cfg)
-    return EarlyExitViT(spec, cfg.num_classes, in_chans, cfg.image_size, cfg.vit_patch,
-                        cfg.vit_dim, cfg.vit_blocks, cfg.vit_heads, cfg.vit_mlp_ratio,
-                        cfg.num_exits, frontend)
+    return build_vit_like(EarlyExitViT, cfg, spec)

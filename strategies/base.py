@@ -129,6 +129,10 @@ class HeteroEENStrategy(Strategy):
         """Server-side work after aggregation (distillation, ...); returns metrics to log."""
         return {}
 
+    def extra_central_metrics(self, logits: list, y: Any) -> dict[str, float]:
+        """Method-specific central metrics from every exit's test logits (none by default)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Server-side state beyond the global model, for checkpoints."""
         return {"node_levels": dict(self.node_levels), "rng": self.rng.getstate()}

@@ -29,6 +29,7 @@ class InProcessGrid:
             {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.tamper = tamper
         self.sent: list[Message] = []
+        self.node_states = {n: RecordDict() for n in self.node_ids}  # like a SuperNode's
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
@@ -40,7 +41,8 @@ class InProcessGrid:
             self.sent.append(msg)
             i = self.node_ids.index(msg.metadata.dst_node_id)
             ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id,
-                          node_config=dict(self.node_configs[i]), state=RecordDict(),
+                          node_config=dict(self.node_configs[i]),
+                          state=self.node_states[msg.metadata.dst_node_id],
                           run_config=dict(self.run_config))
             reply = client_app(msg, ctx)
             if self.tamper is not None:

@@ -1,0 +1,169 @@
+"""InclusiveFL (Liu et al., KDD'22, "No One Left Behind"; methods.md section 8).
+
+Depth scaling; clients train only their deepest exit (``last_exit_ce``). The server, as the
+ReeFL authors' re-implementation:
+
+1. FedAvg within each budget level (weighted by examples) gives the group's pseudo-gradient
+   Delta^(k) = theta^(k)_old - theta^(k)_avg on every parameter it holds.
+2. The top block of every smaller level k < K (block b_k, 1-based) is group-specific: the
+   server keeps level k's own copy (``self.private[k]``) and sends it to level-k clients; the
+   global model's copy of that block is the one the deeper levels share. Each exit head is
+   owned by the level whose last exit it is (only that level trains it), so exit head k is
+   updated from level k alone; it lives in the global state, and deeper levels receive it
+   without training it.
+3. Momentum distillation, levels processed from the deepest down: for k < K, on every
+   parameter of level k's top block (exit heads excluded),
+   Delta_top^(k) <- beta * mean_{l in M_k} Delta_l^(k+1) + (1 - beta) * Delta_top^(k),
+   beta = ``inclusivefl-beta``, where Delta^(k+1) is level k+1's pseudo-gradient after its own
+   distillation (so knowledge cascades down, as in the ReeFL authors' code), and only when
+   level k+1 took part this round.
+   Mapping blocks to the top block: a tensor of block l is matched to the top-block tensor
+   with the same name inside its block (``blocks.<l>.<name>`` to ``blocks.<b_k - 1>.<name>``)
+   and the same shape. M_k is the blocks level k+1 adds (b_k+1 .. b_{k+1}; ReeFL; FL-EE also
+   counts block b_k). ViT blocks all have one shape, so this is exactly the mean over the
+   added blocks. A CNN "block" is a stage, and the stage that level k+1 adds has twice the
+   channels of level k's top stage, so no tensor matches: there a top-block tensor takes
+   level k+1's pseudo-gradient of the same block (b_k, which level k+1 holds in its shared
+   form) as its M_k. The same fallback applies to any tensor without a same-shaped match.
+4. Server optimiser on the pseudo-gradient, per level (own Adam moments per level, as both
+   reference codes): ``inclusivefl-server-opt`` = "sgd" (theta <- theta_old - Delta) or "adam"
+   (FedAdam, beta1 0.9, beta2 0.999, tau 1e-6, eta 1e-3, no bias correction). Buffers
+   (BatchNorm statistics) take the group average.
+5. Shared tensors: the average of the levels' new values over the levels holding them,
+   weighted by the levels' sample counts.
+
+The global model (checkpointed and evaluated centrally) is the largest model. Its exits
+1..K-1 read the deeper levels' shared copy of each top block, whereas the ReeFL authors
+evaluate exit k on level k's own model (``level_state(k)``).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from fedeen.config import ConfigError, RunConfig, register_options
+from models.submodel import ElementwiseMean, State, scatter_mean, slice_state
+from strategies.base import ClientUpdate, HeteroEENStrategy
+from strategies.registry import register
+
+register_options({"inclusivefl-beta": 0.2, "inclusivefl-server-opt": "sgd"})
+
+SERVER_OPTS = ("sgd", "adam")
+ADAM_BETA1, ADAM_BETA2, ADAM_TAU, ADAM_ETA = 0.9, 0.999, 1e-6, 1e-3
+
+
+@register("inclusivefl")
+class InclusiveFL(HeteroEENStrategy):
+    objective = "last_exit_ce"
+
+    def __init__(self, cfg: RunConfig, family) -> None:
+        super().__init__(cfg, family)
+        self.private: dict[int, State] = {}
+        self.adam_m: dict[int, State] = {}
+        self.adam_v: dict[int, State] = {}
+        with torch.device("meta"):
+            self.param_keys = {n for n, _ in family.build().named_parameters()}
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        if not 0 <= cfg.opt("inclusivefl-beta") <= 1:
+            raise ConfigError(f"inclusivefl-beta must be in [0, 1], got {cfg.opt('inclusivefl-beta')}")
+        if cfg.opt("inclusivefl-server-opt") not in SERVER_OPTS:
+            raise ConfigError(f"unknown inclusivefl-server-opt {cfg.opt('inclusivefl-server-opt')!r}; "
+                              f"valid: {', '.join(SERVER_OPTS)}")
+
+    # ------------------------------------------------------------------ who holds what
+    def top_prefix(self, level: int) -> str:
+        return f"blocks.{self.family.exit_after[level - 1] - 1}."
+
+    def level_keys(self, level: int) -> list[str]:
+        return list(self.family.shapes(self.level_spec(level)))
+
+    def private_keys(self, level: int) -> list[str]:
+        """Level ``level``'s group-specific tensors: its top block (none for the top level)."""
+        if level == self.cfg.num_levels:
+            return []
+        return [k for k in self.level_keys(level) if k.startswith(self.top_prefix(level))]
+
+    def shared_keys(self, level: int) -> list[str]:
+        """What ``level`` averages into the global model: all it holds but its private top
+        block and the exit heads of smaller levels (which it does not train)."""
+        private = set(self.private_keys(level))
+        foreign = tuple(f"exits.{j}." for j in range(level - 1))
+        return [k for k in self.level_keys(level) if k not in private and not k.startswith(foreign)]
+
+    def level_state(self, level: int) -> State:
+        """Level ``level``'s model: the global tensors with its own top block."""
+        state = slice_state(self.global_state, self.family.shapes(self.level_spec(level)))
+        state.update({k: v.copy() for k, v in self.private.get(level, {}).items()})
+        return state
+
+    def arrays_for(self, node_id: int, level: int) -> State:
+        return self.level_state(level)
+
+    # ------------------------------------------------------------------ aggregation
+    def momentum(self, level: int, deeper: Mapping[str, np.ndarray],
+                 own: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """mean_{l in M_k} Delta_l^(k+1) for every parameter of level ``level``'s top block."""
+        prefix = self.top_prefix(level)
+        added = range(self.family.exit_after[level - 1], self.family.exit_after[level])
+        out = {}
+        for key in self.private_keys(level):
+            if key not in own:
+                continue
+            name = key[len(prefix):]
+            same = [deeper[f"blocks.{b}.{name}"] for b in added
+                    if deeper.get(f"blocks.{b}.{name}", np.empty(0)).shape == own[key].shape]
+            if not same and key in deeper:
+                same = [deeper[key]]
+            if same:
+                out[key] = np.mean(same, axis=0)
+        return out
+
+    def server_opt(self, level: int, old: State, delta: Mapping[str, np.ndarray]) -> State:
+        """New parameters of ``level`` from its pseudo-gradient (SGD step 1, or FedAdam)."""
+        if self.cfg.opt("inclusivefl-server-opt") == "sgd":
+            return {k: (old[k] - d).astype(old[k].dtype) for k, d in delta.items()}
+        m, v = self.adam_m.setdefault(level, {}), self.adam_v.setdefault(level, {})
+        new = {}
+        for k, d in delta.items():
+            m[k] = (ADAM_BETA1 * m.get(k, 0.0) + (1 - ADAM_BETA1) * d).astype(np.float32)
+            v[k] = (ADAM_BETA2 * v.get(k, 0.0) + (1 - ADAM_BETA2) * d * d).astype(np.float32)
+            new[k] = (old[k] - ADAM_ETA * m[k] / (np.sqrt(v[k]) + ADAM_TAU)).astype(old[k].dtype)
+        return new
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
+        groups: dict[int, list[ClientUpdate]] = defaultdict(list)
+        for u in updates:
+            groups[u.level].append(u)
+        beta = float(self.cfg.opt("inclusivefl-beta"))
+        deltas: dict[int, dict[str, np.ndarray]] = {}
+        shared = ElementwiseMean(self.global_state)
+        for level in sorted(groups, reverse=True):
+            old = self.level_state(level)
+            avg = scatter_mean(old, ((u.state, u.num_examples) for u in groups[level]))
+            delta = {k: old[k].astype(np.float64) - avg[k] for k in old if k in self.param_keys}
+            if level + 1 in deltas:
+                for k, mom in self.momentum(level, deltas[level + 1], delta).items():
+                    delta[k] = beta * mom + (1 - beta) * delta[k]
+            deltas[level] = delta
+            new = {**avg, **self.server_opt(level, old, delta)}
+            shared.add({k: new[k] for k in self.shared_keys(level)},
+                       sum(u.num_examples for u in groups[level]))
+            if level < self.cfg.num_levels:
+                self.private[level] = {k: new[k] for k in self.private_keys(level)}
+        return shared.result()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "private": self.private, "adam_m": self.adam_m,
+                "adam_v": self.adam_v}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.private = dict(state.get("private", {}))
+        self.adam_m = dict(state.get("adam_m", {}))
+        self.adam_v = dict(state.get("adam_v", {}))

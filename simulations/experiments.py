@@ -8,17 +8,24 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # The CPU scale used for the tables in the README (with --num-supernodes 8: 2 clients per
 # budget level): a small DeiT-style ViT (4 blocks, dim 64, 2 heads, MLP ratio 2, patch 4 on
-# 32x32, exits after blocks 1-4), at most 300 samples per client (80/20 train/validation),
-# 12 rounds of 2 local epochs, 2000 test images (and 2000 server-validation images).
+# 32x32, exits after blocks 1-4), at most 400 samples per client (80/20 train/validation),
+# 20 rounds of 2 local epochs, 2000 test images (and 2000 server-validation images).
 CPU_VIT: dict[str, Any] = {
     "model": "vit", "vit-blocks": 4, "vit-dim": 64, "vit-heads": 2, "vit-patch": 4,
-    "vit-mlp-ratio": 2.0, "max-samples-per-client": 300, "max-test-samples": 2000,
-    "num-server-rounds": 12, "local-epochs": 2, "batch-size": 32,
+    "vit-mlp-ratio": 2.0, "max-samples-per-client": 400, "max-test-samples": 2000,
+    "num-server-rounds": 20, "local-epochs": 2, "batch-size": 32,
+}
+
+# The baselines as the DarkDistill authors ran them (FL-EE; methods.md section 12.3):
+# DepthFL with lambda = 1, T = 1 from the first round; ScaleFL with T = 1, gamma = 1, no delay.
+AS_IN_DARKDISTILL: dict[str, Any] = {
+    "depthfl-rampup-rounds": 0, "scalefl-temperature": 1.0, "scalefl-gamma": 1.0,
+    "scalefl-kd-start": 0.0,
 }
 
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "cifar10-cpu-vit": {"dataset": str(SHARED_DATA / "cifar10"), **CPU_VIT},
+    "cifar10-cpu-vit": {"dataset": str(SHARED_DATA / "cifar10"), **CPU_VIT, **AS_IN_DARKDISTILL},
     "cifar10-cpu-cnn": {"dataset": str(SHARED_DATA / "cifar10"), "model": "cnn",
                         "cnn-width": 16, "max-samples-per-client": 400,
                         "max-test-samples": 2000, "num-server-rounds": 15},

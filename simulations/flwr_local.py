@@ -54,8 +54,29 @@ def superlink_pids(flwr_home: Path) -> list[int]:
     return pids
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children first found by their parent PID)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop_superlinks(flwr_home: Path, wait: float = 10.0) -> list[int]:
-    pids = superlink_pids(flwr_home)
+    """Stop the SuperLinks of ``flwr_home`` and everything they started (SuperExec, a
+    simulation still running with its Ray processes), all by PID."""
+    roots = superlink_pids(flwr_home)
+    pids = [p for root in roots for p in (*descendants(root), root)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -70,7 +91,7 @@ def stop_superlinks(flwr_home: Path, wait: float = 10.0) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return pids
+    return roots
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""The grid runner's bookkeeping (tables, resume) and the SuperLink clean-up helpers."""
+import json
+import subprocess
+import sys
+import time
+
+from simulations.flwr_local import descendants, run_config_arg
+from simulations.run_grid import cell_key, load_done, parse_value, write_tables
+
+
+def row(strategy, alpha, exits, seed=1):
+    return {"strategy": strategy, "dataset": "cifar10", "alpha": alpha, "seed": seed,
+            "exits": exits, "mean": sum(exits) / len(exits), "std": 1.0, "round": 3,
+            "wall_s": 10.0, "server_s_per_round": 0.5, "server_share": 0.25, "failed": 0}
+
+
+def test_tables_average_seeds_and_sort_by_mean(tmp_path):
+    rows = [row("eefl", 0.1, [10, 20, 30, 40], seed=1), row("eefl", 0.1, [20, 30, 40, 50], seed=2),
+            row("depthfl", 0.1, [50, 50, 50, 50])]
+    table = write_tables(rows, tmp_path).splitlines()
+    assert table[2].startswith("| cifar10 | 0.1 | depthfl | 50.00")
+    assert "| eefl | 15.00 | 25.00 | 35.00 | 45.00 | 30.00 ± 1.00 | 10 | 0.50 (25.0%) | 2 |" in table[3]
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
+
+
+def test_finished_cells_are_found_for_resume(tmp_path):
+    path = tmp_path / "cells.jsonl"
+    path.write_text(json.dumps(row("eefl", 1.0, [1, 2])) + "\n")
+    assert cell_key(row("eefl", 1.0, [5])) in load_done(path)
+
+
+def test_run_config_quoting():
+    assert run_config_arg({"strategy": "eefl", "alpha": 0.1, "augment": False}) == \
+        'strategy="eefl" alpha=0.1 augment=false'
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("x") == "x"
+
+
+def test_descendants_finds_grandchildren():
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(50):
+            if descendants(parent.pid):
+                break
+            time.sleep(0.1)
+        kids = descendants(parent.pid)
+        assert len(kids) == 1
+    finally:
+        for pid in descendants(parent.pid):
+            subprocess.run(["kill", str(pid)])
+        parent.kill()

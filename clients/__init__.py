@@ -1,1 +1,1 @@
-"""NumPyClients (plain EEN client, split edge/cloud client) and the client objectives."""
+"""The NumPyClient that trains budget-sized EEN submodels, and the client objectives."""

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from clients.een_client import PARAM_KEYS, EENClient
 from fedeen.budgets import node_level
-from fedeen.config import RunConfig, load_config
+from fedeen.config import ConfigError, RunConfig, load_config
 from fedeen.data import load_client_data, source_for
 from fedeen.runtime import family_for, resolve_device
 
@@ -34,7 +34,10 @@ def _client(cfg: RunConfig, partition_id: int, num_partitions: int) -> EENClient
 def client_for(context: Context) -> EENClient:
     cfg = load_config(context.run_config)
     nc = context.node_config
-    return _client(cfg, int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1)))
+    if "partition-id" not in nc or "num-partitions" not in nc:
+        raise ConfigError("the SuperNode's node config needs partition-id and num-partitions "
+                          f"(which part of the data this node holds); got {dict(nc)}")
+    return _client(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
 
 
 def _unpack(msg: Message) -> tuple[list[str], list[Any], dict[str, Any]]:
@@ -95,6 +98,8 @@ def query(msg: Message, context: Context) -> Message:
     """Answers the server's one-time question about this node's budget level."""
     cfg = load_config(context.run_config)
     level = node_level(context.node_config, cfg.level_ratios)
-    return Message(RecordDict({"metrics": MetricRecord({"budget-level": level}),
+    key = int(context.node_config.get("partition-id", -1))
+    return Message(RecordDict({"metrics": MetricRecord({"budget-level": level,
+                                                        "partition-id": key}),
                                "config": ConfigRecord({"answer": "budget-level"})}),
                    reply_to=msg)

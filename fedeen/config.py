@@ -217,6 +217,9 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"run-config {key} = {getattr(cfg, key.replace('-', '_'))!r} {why}")
     cfg.level_ratios  # noqa: B018  (raises ConfigError on a bad mix)
+    if cfg.model == "cnn" and cfg.num_levels > 4:
+        raise ConfigError(f"the cnn has 4 stages, so at most 4 budget levels; budget-ratios "
+                          f"{cfg.budget_ratios!r} asks for {cfg.num_levels} (use model='vit')")
     if cfg.out_dir and not os.path.isabs(os.path.expanduser(cfg.out_dir)):
         raise ConfigError(
             f"out-dir must be an absolute path (the app runs from Flower's app cache), got {cfg.out_dir!r}")

@@ -432,9 +432,10 @@ def load_server_data(cfg: RunConfig) -> ServerData:
     _, server_val = _client_pool_and_server_val(cfg.dataset, cfg.input_column, cfg.label_column,
                                                 cfg.server_val_fraction, cfg.seed)
     test = src.test
-    if cfg.max_test_samples and len(test) > cfg.max_test_samples:
-        test = test.shuffle(seed=cfg.seed).select(range(cfg.max_test_samples))
-        if len(server_val) > cfg.max_test_samples:
-            server_val = server_val.shuffle(seed=cfg.seed).select(range(cfg.max_test_samples))
+    cap = cfg.max_test_samples
+    if cap and len(test) > cap:
+        test = test.shuffle(seed=cfg.seed).select(range(cap))
+    if cap and len(server_val) > cap:
+        server_val = server_val.shuffle(seed=cfg.seed).select(range(cap))
     return ServerData(src.info, src.tensors(server_val, cfg.image_size),
                       src.tensors(test, cfg.image_size))

@@ -90,7 +90,10 @@ class RunRecorder(RoundObserver):
         return max(rows, key=lambda r: r["central"]["val-acc-mean"]) if rows else None
 
     def finish(self, final_state: dict[str, np.ndarray], curve: list[BudgetPoint],
-               rejected: dict[int, list[str]], initial: dict | None = None) -> dict[str, Any]:
+               rejected: dict[int, list[str]], initial: dict | None = None,
+               final_curve: list[BudgetPoint] | None = None) -> dict[str, Any]:
+        """Write everything; ``curve`` is the best-validation round's, ``final_curve`` the
+        last round's budgeted-inference curve."""
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in final_state.items()},
                    self.path / "final_model.pt")
         cols = exit_columns(self.num_exits)
@@ -112,6 +115,7 @@ class RunRecorder(RoundObserver):
                 "acc-std": best["central"].get("acc-std"),
                 "val-acc-mean": best["central"].get("val-acc-mean")},
             "budget_curve": [asdict(p) for p in curve],
+            "budget_curve_final": [asdict(p) for p in (final_curve or curve)],
             "wall_seconds": time.perf_counter() - self.t0,
             "steady_round_seconds": float(np.median(steady)) if steady else None,
             "failed_replies": {str(k): v for k, v in rejected.items()},
@@ -159,12 +163,14 @@ class RunRecorder(RoundObserver):
         pts = sorted(curve, key=lambda p: p.flops)
         ax.plot([p.flops / 1e6 for p in pts], [100 * p.accuracy for p in pts], marker=".",
                 label="dynamic (MSDNet policy)")
-        final = self.rounds[-1]["central"] if self.rounds else {}
+        best = self.best_round()
+        shown = best["central"] if best else (self.rounds[-1]["central"] if self.rounds else {})
         ax.scatter([c / 1e6 for c in self.exit_costs],
-                   [100 * (final.get(c) or 0) for c in cols], color="k", marker="x",
+                   [100 * (shown.get(c) or 0) for c in cols], color="k", marker="x",
                    label="single exits", zorder=3)
         ax.set(xlabel="expected MFLOPs per sample", ylabel="test accuracy (%)",
-               title="budgeted inference")
+               title=f"budgeted inference (round {best['round'] if best else len(self.rounds)},"
+                     " best validation)")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

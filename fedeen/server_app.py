@@ -23,7 +23,12 @@ app = ServerApp()
 
 
 class CentralEvaluator:
-    """Per-exit accuracy of the global EEN on the server's test split after every round."""
+    """Per-exit accuracy of the global EEN on the server's test split after every round.
+
+    It keeps the exits' logits of the best-validation round (mean exit accuracy on the
+    server's validation hold-out), so the budgeted curve is reported for the same round as the
+    per-exit accuracies, as the authors do; the last round's curve is kept too.
+    """
 
     def __init__(self, family: EENFamily, data: ServerData, cfg: RunConfig,
                  device: torch.device, strategy: HeteroEENStrategy) -> None:
@@ -31,24 +36,39 @@ class CentralEvaluator:
         self.strategy = strategy
         self.model = family.build()
         self.exit_costs = family.exit_costs()
-        self.last_val: list[torch.Tensor] = []
-        self.last_test: list[torch.Tensor] = []
+        self.last: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.best: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.best_val = -1.0
+
+    def logits(self, state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every exit's (validation, test) logits; some strategies score an exit on its own
+        level's model instead of the global one (``strategy.exit_states``)."""
+        bs = self.cfg.eval_batch_size
+        self.model.load_state_dict(state)
+        val = predict(self.model, self.data.val, bs, self.device)
+        test = predict(self.model, self.data.test, bs, self.device)
+        for exit_k, sub_state in self.strategy.exit_states().items():
+            sub = self.family.build(self.strategy.level_spec(exit_k))
+            sub.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sub_state.items()})
+            val[exit_k - 1] = predict(sub, self.data.val, bs, self.device)[exit_k - 1]
+            test[exit_k - 1] = predict(sub, self.data.test, bs, self.device)[exit_k - 1]
+        return val, test
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.model.load_state_dict(arrays.to_torch_state_dict())
-        bs = self.cfg.eval_batch_size
-        self.last_test = predict(self.model, self.data.test, bs, self.device)
-        self.last_val = predict(self.model, self.data.val, bs, self.device)
-        test_acc = exit_accuracies(self.last_test, self.data.test.y)
-        val_acc = exit_accuracies(self.last_val, self.data.val.y)
+        val_logits, test_logits = self.last = self.logits(arrays.to_torch_state_dict())
+        test_acc = exit_accuracies(test_logits, self.data.test.y)
+        val_acc = exit_accuracies(val_logits, self.data.val.y)
         metrics = dict(zip(exit_columns(len(test_acc)), test_acc))
         metrics.update({"acc-mean": float(np.mean(test_acc)), "acc-std": float(np.std(test_acc)),
                         "val-acc-mean": float(np.mean(val_acc))})
-        metrics.update(self.strategy.extra_central_metrics(self.last_test, self.data.test.y))
+        metrics.update(self.strategy.extra_central_metrics(test_logits, self.data.test.y))
+        if server_round > 0 and metrics["val-acc-mean"] > self.best_val:
+            self.best_val, self.best = metrics["val-acc-mean"], self.last
         return MetricRecord(metrics)
 
-    def curve(self):
-        return budget_curve(self.last_val, self.last_test, self.data.test.y, self.exit_costs)
+    def curve(self, best: bool = True):
+        val, test = self.best if best and self.best[0] else self.last
+        return budget_curve(val, test, self.data.test.y, self.exit_costs)
 
 
 def run(grid: Grid, cfg: RunConfig) -> dict:
@@ -69,8 +89,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     result = strategy.start(grid, to_record(initial), num_rounds=cfg.num_server_rounds,
                             evaluate_fn=evaluator, observer=recorder)
     init_metrics = dict(result.evaluate_metrics_serverapp.get(0, {}))
-    summary = recorder.finish(strategy.global_state, evaluator.curve(), strategy.rejected,
-                              init_metrics)
+    summary = recorder.finish(strategy.global_state, evaluator.curve(best=True),
+                              strategy.rejected, init_metrics, evaluator.curve(best=False))
     final = summary["final"]
     log(logging.INFO, "fedeen: done in %.1fs; final exits %s, mean %.2f ± %.2f; results in %s",
         time.perf_counter() - t0,

@@ -28,9 +28,10 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "cifar10-cpu-vit": {"dataset": str(SHARED_DATA / "cifar10"), **CPU_VIT, **AS_IN_DARKDISTILL},
     "cifar10-cpu-cnn": {"dataset": str(SHARED_DATA / "cifar10"), "model": "cnn",
                         "cnn-width": 16, "max-samples-per-client": 400,
-                        "max-test-samples": 2000, "num-server-rounds": 15},
+                        "max-test-samples": 2000, "num-server-rounds": 15,
+                        **AS_IN_DARKDISTILL},
     "fsdd-cpu-cnn": {"dataset": str(SHARED_DATA / "fsdd"), "model": "cnn", "cnn-width": 16,
-                     "num-server-rounds": 15},
+                     "num-server-rounds": 15, **AS_IN_DARKDISTILL},
 }
 
 

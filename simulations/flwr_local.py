@@ -117,24 +117,27 @@ def flwr_run(overrides: dict[str, Any], out_dir: Path, flwr_home: Path, num_supe
            "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
            "--run-config", run_config_arg(overrides), *extra_args]
+    import threading
+
     t0 = time.perf_counter()
     lines = []
     proc = subprocess.Popen(cmd, cwd=PROJECT, env=flwr_env(flwr_home), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(timeout, proc.kill)  # also fires when the run prints nothing
+    watchdog.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
             if echo:
                 print(line, end="", flush=True)
-            if time.perf_counter() - t0 > timeout:
-                proc.kill()
-                lines.append(f"fedeen: killed after {timeout}s\n")
-                break
         proc.wait(timeout=60)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
+    if time.perf_counter() - t0 >= timeout:
+        lines.append(f"fedeen: flwr run killed after {timeout:.0f}s\n")
     new = sorted(p for p in set(out_dir.iterdir()) - before if (p / "metrics.json").exists())
     return FlwrRun(proc.returncode or 0, time.perf_counter() - t0, "".join(lines), new)
 

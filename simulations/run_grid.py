@@ -34,7 +34,14 @@ def parse_value(text: str) -> Any:
 
 
 def cell_key(c: dict[str, Any]) -> str:
-    return f"{c['strategy']}|{c['dataset']}|{c['alpha']}|{c['seed']}"
+    """A cell's identity: its grid coordinates and a digest of every other override."""
+    return f"{c['strategy']}|{c['dataset']}|{c['alpha']}|{c['seed']}|{c.get('settings', '')}"
+
+
+def settings_digest(overrides: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def load_done(path: Path) -> dict[str, dict[str, Any]]:
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         base[key] = parse_value(value)
     datasets = [d for d in args.datasets.split(",") if d] or [base.get("dataset", "digits")]
-    cells = [{"strategy": s, "dataset": d, "alpha": float(a), "seed": int(seed)}
+    digest = settings_digest(base)
+    cells = [{"strategy": s, "dataset": d, "alpha": float(a), "seed": int(seed), "settings": digest}
              for d in datasets for a in args.alphas.split(",") for seed in args.seeds.split(",")
              for s in args.strategies.split(",")]
     for c in cells:  # validate every cell before the first Ray start
@@ -135,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{tag}: done earlier, skipped", flush=True)
                 continue
             print(f"{tag}: running ...", flush=True)
-            overrides = {**base, **c}
+            overrides = {**base, **{k: v for k, v in c.items() if k != "settings"}}
             run = flwr_run(overrides, args.out / "runs", home, args.num_supernodes, args.timeout)
             try:
                 summary = summarise(run.metrics(), args.report)
             except RuntimeError as err:
-                print(f"{tag}: FAILED after {run.seconds:.0f}s\n{err}", flush=True)
+                print(f"{tag}: FAILED (exit code {run.returncode}) after {run.seconds:.0f}s\n{err}",
+                      flush=True)
                 continue
             row = {**c, "dataset": Path(c["dataset"]).name, **summary, "wall_s": run.seconds}
             rows.append(row)

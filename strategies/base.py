@@ -25,6 +25,8 @@ from models.family import EENFamily
 from models.submodel import State, reply_problems, scatter_mean, slice_state
 
 QUERY_LEVEL = "budget-level"
+QUERY_KEY = "partition-id"
+NODE_WAIT_SECONDS = 600.0
 
 
 @dataclass
@@ -82,6 +84,9 @@ class HeteroEENStrategy(Strategy):
         self.cfg, self.family = cfg, family
         self.global_state: State = {}
         self.node_levels: dict[int, int] = {}
+        # stable per-node keys (partition ids): Flower's node ids are random in every run, so
+        # sampling and reply order are keyed by these to make runs reproducible from the seed
+        self.node_keys: dict[int, int] = {}
         self.rng = random.Random(cfg.seed)
         self.rejected: dict[int, list[str]] = {}
         self._sent: dict[int, int] = {}
@@ -129,16 +134,27 @@ class HeteroEENStrategy(Strategy):
         """Server-side work after aggregation (distillation, ...); returns metrics to log."""
         return {}
 
+    def exit_states(self) -> dict[int, State]:
+        """Exits to evaluate on another model than the global one: {exit (1-based): state of
+        the submodel of that depth}. None by default (InclusiveFL: each level's own model)."""
+        return {}
+
+    def record_problems(self, update: ClientUpdate) -> str | None:
+        """Why a reply's extra records are unusable (None if they are fine or unused)."""
+        return None
+
     def extra_central_metrics(self, logits: list, y: Any) -> dict[str, float]:
         """Method-specific central metrics from every exit's test logits (none by default)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state beyond the global model, for checkpoints."""
-        return {"node_levels": dict(self.node_levels), "rng": self.rng.getstate()}
+        return {"node_levels": dict(self.node_levels), "node_keys": dict(self.node_keys),
+                "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.node_levels = dict(state["node_levels"])
+        self.node_keys = dict(state.get("node_keys", {}))
         self.rng.setstate(state["rng"])
 
     # ------------------------------------------------------------------ nodes and levels
@@ -161,9 +177,20 @@ class HeteroEENStrategy(Strategy):
                     node, level, self.cfg.num_levels)
                 continue
             self.node_levels[node] = level
+            key = int(reply.content["metrics"].get(QUERY_KEY, -1))
+            self.node_keys[node] = key if key >= 0 else node
 
-    def wait_for_nodes(self, grid: Grid) -> list[int]:
+    def node_key(self, node: int) -> int:
+        return self.node_keys.get(node, node)
+
+    def wait_for_nodes(self, grid: Grid, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
+        deadline = time.monotonic() + timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.cfg.min_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} node(s) connected after {timeout:.0f}s but min-nodes = "
+                    f"{self.cfg.min_nodes}; start more SuperNodes (num-supernodes in simulation) "
+                    "or lower min-nodes")
             log(logging.INFO, "waiting for nodes: %d connected, %d required", len(nodes),
                 self.cfg.min_nodes)
             time.sleep(1)
@@ -172,7 +199,8 @@ class HeteroEENStrategy(Strategy):
     def sample(self, nodes: list[int], fraction: float) -> list[int]:
         """Sample among eligible nodes, redrawing (as the authors' sampler) until every
         eligible level present in the population is represented, when the sample allows it."""
-        pool = [n for n in nodes if n in self.node_levels and self.eligible(self.node_levels[n])]
+        pool = sorted((n for n in nodes if n in self.node_levels
+                       and self.eligible(self.node_levels[n])), key=self.node_key)
         if not pool:
             return []
         size = max(1, int(round(fraction * len(pool))))
@@ -182,7 +210,7 @@ class HeteroEENStrategy(Strategy):
             if size < len(levels) or {self.node_levels[n] for n in chosen} == levels:
                 break
             chosen = self.rng.sample(pool, size)
-        return sorted(chosen)
+        return sorted(chosen, key=self.node_key)
 
     # ------------------------------------------------------------------ Flower API
     def _sync_global(self, arrays: ArrayRecord) -> None:
@@ -240,7 +268,8 @@ class HeteroEENStrategy(Strategy):
             return "; ".join(problems[:5])
         records = {name: from_record(rec) for name, rec in content.array_records.items()
                    if name != "arrays"}
-        return ClientUpdate(node, level, spec, state, int(n), metrics, records)
+        update = ClientUpdate(node, level, spec, state, int(n), metrics, records)
+        return self.record_problems(update) or update
 
     def collect(self, replies: Iterable[Message]) -> list[ClientUpdate]:
         updates = []
@@ -252,7 +281,8 @@ class HeteroEENStrategy(Strategy):
                 log(logging.WARNING, "rejected reply from node %s: %s", node, result)
             else:
                 updates.append(result)
-        return updates
+        # arrival order varies between runs; the server's float sums and draws must not
+        return sorted(updates, key=lambda u: (u.level, self.node_key(u.node_id)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

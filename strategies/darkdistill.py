@@ -32,6 +32,10 @@ Deviations and choices:
   makes the weights nearly uniform; methods.md asks for the intended semantics.
 - The difficulty is a scalar (CE at exit 1) and the generator's difficulty input is
   ``Linear(1 -> D)``, as in methods.md; the authors' code feeds a per-exit CE vector.
+- A sample's difficulty is measured by the client on the model as received, in eval mode and
+  without augmentation, in one forward pass before training (the issue's "cross-entropy at
+  the first exit of the model they received"); the authors record the loss during the last
+  local epoch, on the model being trained.
 - Server-side forward passes keep BatchNorm layers in eval mode (running statistics are
   neither used from nor written by synthetic batches); this only matters for the CNN.
 - Generators' Adam states persist across rounds (and in checkpoints); the authors rebuild the
@@ -275,6 +279,20 @@ class GeneratorKDStrategy(HeteroEENStrategy):
         self.gen_opts: dict[int, torch.optim.Adam] = {}
         self.conditions: dict[int, dict[str, np.ndarray]] = {}
         self.level_examples: dict[int, int] = {}
+
+    def record_problems(self, update: ClientUpdate) -> str | None:
+        """The uploaded (label, difficulty) record must describe the client's training set."""
+        rec = update.records.get(DIFFICULTY)
+        if rec is None:
+            return f"reply lacks its {DIFFICULTY!r} record"
+        labels, diff = rec.get("labels"), rec.get("difficulty")
+        if labels is None or diff is None or labels.shape != diff.shape or labels.ndim != 1:
+            return f"{DIFFICULTY!r} record needs equally long 1-d 'labels' and 'difficulty'"
+        if labels.dtype.kind not in "iu" or not np.isfinite(diff).all():
+            return f"{DIFFICULTY!r} record has non-integer labels or non-finite difficulties"
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.family.cfg.num_classes):
+            return f"{DIFFICULTY!r} record has labels outside 0..{self.family.cfg.num_classes - 1}"
+        return None
 
     @property
     def levels(self) -> range:

@@ -32,9 +32,10 @@ ReeFL authors' re-implementation:
 5. Shared tensors: the average of the levels' new values over the levels holding them,
    weighted by the levels' sample counts.
 
-The global model (checkpointed and evaluated centrally) is the largest model. Its exits
-1..K-1 read the deeper levels' shared copy of each top block, whereas the ReeFL authors
-evaluate exit k on level k's own model (``level_state(k)``).
+The global model (checkpointed) is the largest model. Central evaluation scores exit k < K on
+level k's own model (``level_state(k)``, with its private top block), as the ReeFL authors do:
+in the global model exit head k would read the deeper levels' shared copy of block b_k,
+which no client trains it with.
 """
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ class InclusiveFL(HeteroEENStrategy):
 
     def arrays_for(self, node_id: int, level: int) -> State:
         return self.level_state(level)
+
+    def exit_states(self) -> dict[int, State]:
+        return {k: self.level_state(k) for k in range(1, self.cfg.num_levels)}
 
     # ------------------------------------------------------------------ aggregation
     def momentum(self, level: int, deeper: Mapping[str, np.ndarray],

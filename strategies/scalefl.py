@@ -40,6 +40,9 @@ def parse_widths(text: str, num_levels: int) -> tuple[float, ...]:
                           f"got {len(widths)} in {text!r}")
     if not all(0 < w <= 1 for w in widths):
         raise ConfigError(f"scalefl-widths ratios must be in (0, 1], got {text!r}")
+    if widths[-1] != 1.0:
+        raise ConfigError(f"the top level of scalefl-widths must be 1.0 (the global model is the "
+                          f"full-width one and would keep untrained channels), got {text!r}")
     return widths
 
 

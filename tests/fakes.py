@@ -22,9 +22,9 @@ TaskIdentity.node_id = 0  # the server
 class InProcessGrid:
     def __init__(self, run_config: dict, num_nodes: int,
                  tamper: Callable[[Message], Message] | None = None,
-                 node_configs: list[dict] | None = None) -> None:
+                 node_configs: list[dict] | None = None, first_node_id: int = 1000) -> None:
         self.run_config = run_config
-        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.node_ids = [first_node_id + i for i in range(num_nodes)]
         self.node_configs = node_configs or [
             {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.tamper = tamper

@@ -66,6 +66,7 @@ class RunConfig:
     device: str = "auto"
     out_dir: str = ""
     checkpoint_every: int = 1
+    resume: str = ""
     # strategy-specific options (keys registered by strategy modules), as sorted pairs
     options: tuple[tuple[str, Any], ...] = ()
 
@@ -223,8 +224,20 @@ def validate(cfg: RunConfig) -> None:
     if cfg.out_dir and not os.path.isabs(os.path.expanduser(cfg.out_dir)):
         raise ConfigError(
             f"out-dir must be an absolute path (the app runs from Flower's app cache), got {cfg.out_dir!r}")
+    if cfg.resume:
+        path = os.path.expanduser(cfg.resume)
+        if not os.path.isabs(path):
+            raise ConfigError(f"resume must be an absolute path to a run directory or its "
+                              f"checkpoint.pt, got {cfg.resume!r}")
+        if not os.path.exists(checkpoint_path(path)):
+            raise ConfigError(f"resume: no checkpoint at {checkpoint_path(path)}")
     import strategies as _s
     _s.get(cfg.strategy).check_config(cfg)
+
+
+def checkpoint_path(resume: str) -> str:
+    path = os.path.expanduser(resume)
+    return path if path.endswith(".pt") else os.path.join(path, "checkpoint.pt")
 
 
 def replace(cfg: RunConfig, **changes: Any) -> RunConfig:

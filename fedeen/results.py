@@ -50,17 +50,31 @@ class RunRecorder(RoundObserver):
     def __init__(self, cfg: RunConfig, num_exits: int, exit_costs: list[float],
                  path: Path | None = None) -> None:
         self.cfg, self.num_exits, self.exit_costs = cfg, num_exits, exit_costs
-        self.path = path or run_dir_for(cfg)
+        self.path = Path(path) if path else run_dir_for(cfg)
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         (self.path / "config.json").write_text(json.dumps(cfg.as_run_config(), indent=2))
+
+    @classmethod
+    def resume(cls, cfg: RunConfig, num_exits: int, exit_costs: list[float], path: Path,
+               up_to_round: int) -> "RunRecorder":
+        """Continue a run directory: its rounds up to the checkpoint are kept."""
+        rec = cls(cfg, num_exits, exit_costs, path)
+        log_path = path / "rounds.jsonl"
+        if log_path.exists():
+            rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+            rec.rounds = [r for r in rows if r["round"] <= up_to_round]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in rec.rounds))
+        return rec
 
     def round_done(self, server_round: int, central: dict | None, train: dict, evaluate: dict,
                    timings: RoundTimings, strategy: HeteroEENStrategy) -> None:
         row = {"round": server_round, "central": central or {}, "train": train,
                "federated": evaluate, "timings": timings.as_dict()}
         self.rounds.append(row)
+        with open(self.path / "rounds.jsonl", "a") as fh:  # nothing computed is lost on a crash
+            fh.write(json.dumps(row) + "\n")
         accs = [100 * (central or {}).get(c, float("nan")) for c in exit_columns(self.num_exits)]
         extra = "".join(f" | {k} {v:.3g}" for k, v in train.items()
                         if k.startswith(("gen-", "kd-", "server-")))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 import strategies
-from fedeen.config import RunConfig, load_config
+from fedeen.config import ConfigError, RunConfig, checkpoint_path, load_config
 from fedeen.data import ServerData, load_server_data
 from fedeen.evaluation import budget_curve, exit_accuracies, predict
 from fedeen.results import RunRecorder, exit_columns
@@ -80,14 +81,17 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     family = family_for(cfg, data.info)
     strategy = strategies.get(cfg.strategy)(cfg, family)
     evaluator = CentralEvaluator(family, data, cfg, device, strategy)
-    recorder = RunRecorder(cfg, family.num_exits, evaluator.exit_costs)
-    log(logging.INFO, "fedeen: %s on %s (%d classes, %s), %s model, %d rounds; run dir %s "
+    if cfg.resume:
+        initial, first_round, recorder = resume(cfg, strategy, evaluator)
+    else:
+        initial, first_round = family.init_state(cfg.seed), 1
+        recorder = RunRecorder(cfg, family.num_exits, evaluator.exit_costs)
+    log(logging.INFO, "fedeen: %s on %s (%d classes, %s), %s model, rounds %d..%d; run dir %s "
         "(setup %.1fs)", cfg.strategy, data.info.name, data.info.num_classes, data.info.modality,
-        cfg.model, cfg.num_server_rounds, recorder.path, time.perf_counter() - t0)
-    initial = family.init_state(cfg.seed)
+        cfg.model, first_round, cfg.num_server_rounds, recorder.path, time.perf_counter() - t0)
     strategy.global_state = initial
     result = strategy.start(grid, to_record(initial), num_rounds=cfg.num_server_rounds,
-                            evaluate_fn=evaluator, observer=recorder)
+                            evaluate_fn=evaluator, observer=recorder, first_round=first_round)
     init_metrics = dict(result.evaluate_metrics_serverapp.get(0, {}))
     summary = recorder.finish(strategy.global_state, evaluator.curve(best=True),
                               strategy.rejected, init_metrics, evaluator.curve(best=False))
@@ -97,6 +101,30 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
         " ".join(f"{100 * (final[c] or 0):.2f}" for c in exit_columns(family.num_exits)),
         100 * (final["acc-mean"] or 0), 100 * (final["acc-std"] or 0), recorder.path)
     return summary
+
+
+RESUMABLE_CHANGES = {"num-server-rounds", "resume", "out-dir", "device", "checkpoint-every"}
+
+
+def resume(cfg: RunConfig, strategy: HeteroEENStrategy, evaluator: CentralEvaluator):
+    """Global state, first round and recorder of a run continued from its checkpoint."""
+    path = checkpoint_path(cfg.resume)
+    ckpt = torch.load(path, weights_only=False)
+    changed = sorted(k for k, v in cfg.as_run_config().items()
+                     if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v)
+    if changed:
+        raise ConfigError(f"resume: the run config differs from the checkpoint's in {changed}; "
+                          f"only {sorted(RESUMABLE_CHANGES)} may change")
+    strategy.load_state_dict(ckpt["strategy_state"])
+    done = int(ckpt["round"])
+    recorder = RunRecorder.resume(cfg, evaluator.family.num_exits, evaluator.exit_costs,
+                                  Path(path).parent, done)
+    best = recorder.best_round()
+    if best is not None:
+        evaluator.best_val = best["central"]["val-acc-mean"]
+    state = {k: v.numpy() for k, v in ckpt["global_state"].items()}
+    log(logging.INFO, "fedeen: resuming %s after round %d", path, done)
+    return state, done + 1, recorder
 
 
 @app.main()

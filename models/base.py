@@ -64,6 +64,13 @@ class EarlyExitNet(nn.Module):
     #: 1-based block index after which each held exit sits
     exit_after: Sequence[int]
 
+    def __init__(self, spec: SubmodelSpec, num_exits: int, frontend: nn.Module | None) -> None:
+        super().__init__()
+        if not 1 <= spec.depth <= num_exits:
+            raise ValueError(f"{type(self).__name__} depth must be in 1..{num_exits}, "
+                             f"got {spec.depth}")
+        self.frontend = frontend if frontend is not None else nn.Identity()
+
     def to_latent(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -67,10 +67,7 @@ class EarlyExitCNN(EarlyExitNet):
         num_exits: int = 4,
         frontend: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        if not 1 <= spec.depth <= num_exits:
-            raise ValueError(f"CNN depth must be in 1..{num_exits}, got {spec.depth}")
-        self.frontend = frontend if frontend is not None else nn.Identity()
+        super().__init__(spec, num_exits, frontend)
         self.in_chans, self.image_size = in_chans, image_size
         widths = [scaled(base_width * m, spec.width) for m in STAGE_MULTIPLIERS[:num_exits]]
         c0 = widths[0]

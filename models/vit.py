@@ -95,12 +95,9 @@ class EarlyExitViT(EarlyExitNet):
         num_exits: int = 4,
         frontend: nn.Module | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(spec, num_exits, frontend)
         if dim % heads:
             raise ValueError(f"ViT dim {dim} is not divisible by its {heads} heads")
-        if not 1 <= spec.depth <= num_exits:
-            raise ValueError(f"ViT depth must be in 1..{num_exits}, got {spec.depth}")
-        self.frontend = frontend if frontend is not None else nn.Identity()
         self.dim = dim
         self.embed = PatchEmbed(in_chans, image_size, patch, dim)
         all_exits = exit_blocks(num_blocks, num_exits)

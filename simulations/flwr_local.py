@@ -32,6 +32,11 @@ def run_config_arg(overrides: dict[str, Any]) -> str:
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # flwr starts flower-superlink / flower-superexec by name: put this interpreter's scripts
+    # first on PATH, so a venv that was never activated (CI) still finds its own executables.
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep)
+                                             if p and p != bindir)])
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
                PYTHONUNBUFFERED="1")

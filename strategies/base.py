@@ -66,6 +66,15 @@ class RoundObserver:
         pass
 
 
+def relative_change(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> float:
+    """||after - before|| / ||before|| over the float tensors of ``before``: how far a round
+    (or a server-side step) moved a model, comparable across strategies."""
+    keys = [k for k in before if k in after and np.issubdtype(before[k].dtype, np.floating)]
+    diff = sum(float(np.sum((after[k].astype(np.float64) - before[k]) ** 2)) for k in keys)
+    norm = sum(float(np.sum(before[k].astype(np.float64) ** 2)) for k in keys)
+    return float(np.sqrt(diff / norm)) if norm > 0 else 0.0
+
+
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
 
@@ -293,10 +302,12 @@ class HeteroEENStrategy(Strategy):
                                    "clients-failed": len(replies) - len(updates)}
         if not updates:
             return None, MetricRecord(metrics)
+        before = self.global_state
         self.global_state = self.aggregate(server_round, updates)
         t0 = time.perf_counter()
         metrics.update(self.server_step(server_round, updates))
         self._step_seconds = time.perf_counter() - t0
+        metrics["global-rel-change"] = relative_change(before, self.global_state)
         total = sum(u.num_examples for u in updates)
         metrics["train-loss"] = sum(float(u.metrics.get("train-loss", 0.0)) * u.num_examples
                                     for u in updates) / total

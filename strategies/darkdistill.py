@@ -64,7 +64,7 @@ from models.base import EarlyExitNet, EEOutput, SubmodelSpec
 from models.family import EENFamily
 from models.generator import LatentGenerator, diversity_loss
 from models.submodel import State, scatter_mean, slice_state
-from strategies.base import ClientUpdate, HeteroEENStrategy
+from strategies.base import ClientUpdate, HeteroEENStrategy, relative_change
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
 from strategies.routing import route_batch, routed_ce
@@ -448,7 +448,9 @@ class DarkDistill(GeneratorKDStrategy):
             for _ in range(int(self.opt("kd-iters")) if pairs else 0):
                 stats.add({"kd-loss": self.reverse_kd_step(pairs, models, dm, conds, sgd, rng)})
         for s in students:
-            self.level_models[s] = to_numpy(models[s])
+            after = to_numpy(models[s])
+            stats.add({"kd-rel-change": relative_change(self.level_models[s], after)})
+            self.level_models[s] = after
         return stats.result()
 
     def reverse_kd_step(self, pairs: list[tuple[int, int]], models: dict[int, EarlyExitNet],

@@ -242,6 +242,7 @@ def test_darkdistill_round_updates_level_models_and_merges_them():
     metrics = step(s, fake_updates(s))
     for key in ("gen-loss", "gen-diff-req", "gen-diff-meas", "kd-loss"):
         assert math.isfinite(metrics[key])
+    assert 0 < metrics["kd-rel-change"] < 1  # the KD moved the student level models
     assert any(not np.array_equal(before[k], s.global_state[k]) for k in before)
     for k in s.levels:  # after the merge every level model is a slice of the global EEN
         for key, v in s.level_models[k].items():

@@ -135,4 +135,14 @@ def test_every_registered_strategy_runs_a_round_in_process(name, out_dir):
         cfg = load_config(rc)
     summary = run(InProcessGrid(rc, 4), cfg)
     assert summary["rounds"][0]["train"]["clients-failed"] == 0
+    assert summary["rounds"][0]["train"]["global-rel-change"] > 0
     assert all(summary["final"][f"acc-exit-{j}"] is not None for j in range(1, 5))
+
+
+def test_relative_change_on_a_hand_made_case():
+    from strategies.base import relative_change
+
+    before = {"w": np.array([3.0, 4.0], np.float32), "steps": np.array([7], np.int64)}
+    after = {"w": np.array([3.0, 4.5], np.float32), "steps": np.array([9], np.int64)}
+    assert relative_change(before, after) == pytest.approx(0.5 / 5.0)  # int buffers ignored
+    assert relative_change(before, before) == 0.0

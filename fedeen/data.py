@@ -84,7 +84,9 @@ def check_dataset_name(name: str) -> None:
             raise ConfigError(f"dataset path must be absolute (the app runs from Flower's app "
                               f"cache, not this folder), got {name!r}")
         if not os.path.exists(path):
-            raise ConfigError(f"dataset path {name!r} does not exist")
+            raise ConfigError(f"dataset path {name!r} does not exist; give an existing folder "
+                              f"(parquet or npz, laid out as ../shared/data) or one of the "
+                              f"registered datasets: {', '.join(dataset_names())}")
         return
     if name not in dataset_names():
         raise ConfigError(f"unknown dataset {name!r}; valid datasets: {', '.join(dataset_names())}, "

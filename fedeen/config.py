@@ -59,6 +59,9 @@ class RunConfig:
     vit_heads: int = 3
     vit_patch: int = 4
     vit_mlp_ratio: float = 4.0
+    # training policy (how exits are trained and read; any strategy)
+    policy: str = "base"
+    boosted_ensemble_weight: float = 0.2
     # evaluation and bookkeeping
     exit_p: float = 1.5
     eval_batch_size: int = 256
@@ -183,6 +186,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.partitioner not in PARTITIONERS:
         raise ConfigError(
             f"unknown partitioner {cfg.partitioner!r}; valid partitioners: {', '.join(PARTITIONERS)}")
+    from models.base import POLICIES
+
+    if cfg.policy not in POLICIES:
+        raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"unknown device {cfg.device!r}; valid devices: {', '.join(DEVICES)}")
     checks = [
@@ -210,6 +217,7 @@ def validate(cfg: RunConfig) -> None:
         ("vit-patch", cfg.vit_patch >= 1 and cfg.image_size % cfg.vit_patch == 0,
          "must divide image-size"),
         ("vit-mlp-ratio", cfg.vit_mlp_ratio > 0, "must be > 0"),
+        ("boosted-ensemble-weight", cfg.boosted_ensemble_weight > 0, "must be > 0"),
         ("exit-p", cfg.exit_p > 0, "must be > 0"),
         ("eval-batch-size", cfg.eval_batch_size >= 1, "must be >= 1"),
         ("checkpoint-every", cfg.checkpoint_every >= 0, "must be >= 0 (0 = only the last round)"),

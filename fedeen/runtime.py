@@ -30,7 +30,8 @@ def model_config(cfg: RunConfig, info: DatasetInfo) -> ModelConfig:
         modality=info.modality, sample_rate=info.sample_rate or 16000,
         num_exits=cfg.num_levels, cnn_width=cfg.cnn_width, cnn_blocks=cfg.cnn_blocks,
         vit_blocks=cfg.vit_blocks, vit_dim=cfg.vit_dim, vit_heads=cfg.vit_heads,
-        vit_patch=cfg.vit_patch, vit_mlp_ratio=cfg.vit_mlp_ratio)
+        vit_patch=cfg.vit_patch, vit_mlp_ratio=cfg.vit_mlp_ratio, policy=cfg.policy,
+        boost_weight=cfg.boosted_ensemble_weight)
 
 
 def family_for(cfg: RunConfig, info: DatasetInfo) -> EENFamily:

@@ -7,7 +7,7 @@ spec alone decides which named tensors (and which leading slice of each) a clien
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,40 @@ def scaled(n: int, width: float) -> int:
     return max(1, int(round(n * width)))
 
 
+#: how the exits are trained and read (methods.md sections 1 and 9); orthogonal to the FL method
+POLICIES = ("base", "boosted")
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward, gradient times ``scale`` backward (BoostNet's gradient rescaling)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    return _GradScale.apply(x, scale) if scale != 1.0 else x
+
+
+def boosted_logits(logits: Sequence[Tensor], weight: float) -> list[Tensor]:
+    """BoostNet's additive exits: z^_j = stopgrad(e_{j-1}) + z_j, e_j = w (z_j + e_{j-1}), e_0 = 0.
+
+    Each exit corrects the (frozen) running ensemble of the shallower ones; training and
+    inference both read z^_j.
+    """
+    out, ensemble = [], None
+    for z in logits:
+        out.append(z if ensemble is None else z + ensemble)
+        ensemble = weight * (z.detach() if ensemble is None else z.detach() + ensemble)
+    return out
+
+
 class EarlyExitNet(nn.Module):
     """Base class: ``to_latent`` maps inputs to the latent space, ``forward_latent`` runs the rest.
 
@@ -70,6 +104,30 @@ class EarlyExitNet(nn.Module):
             raise ValueError(f"{type(self).__name__} depth must be in 1..{num_exits}, "
                              f"got {spec.depth}")
         self.frontend = frontend if frontend is not None else nn.Identity()
+        self.policy, self.boost_weight = "base", 0.2
+
+    def set_policy(self, policy: str, boost_weight: float = 0.2) -> "EarlyExitNet":
+        if policy not in POLICIES:
+            raise ValueError(f"unknown training policy {policy!r}; valid: {', '.join(POLICIES)}")
+        self.policy, self.boost_weight = policy, boost_weight
+        return self
+
+    def exit_tap(self, h: Tensor, j: int) -> tuple[Tensor, Tensor]:
+        """(what exit ``j`` (1-based) reads, what the next block reads) from the output ``h``.
+
+        Under ``boosted`` the exit's gradient into the backbone is scaled by 1/(m-j+1) and the
+        gradient from deeper exits by (m-j)/(m-j+1), m = this model's exits (BoostNet's form).
+        """
+        if self.policy != "boosted":
+            return h, h
+        m = self.num_exits
+        tapped = grad_scale(h, 1.0 / (m - j + 1))
+        return tapped, grad_scale(tapped, float(m - j))
+
+    def output(self, logits: list[Tensor], features: list[Tensor]) -> "EEOutput":
+        if self.policy == "boosted":
+            logits = boosted_logits(logits, self.boost_weight)
+        return EEOutput(logits, features)
 
     def to_latent(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

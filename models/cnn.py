@@ -96,9 +96,9 @@ class EarlyExitCNN(EarlyExitNet):
     def forward_latent(self, z: Tensor) -> EEOutput:
         logits, feats = [], []
         h = z
-        for block, head in zip(self.blocks, self.exits):
-            h = block(h)
-            out, feat = head(h)
+        for j, (block, head) in enumerate(zip(self.blocks, self.exits), start=1):
+            tapped, h = self.exit_tap(block(h), j)
+            out, feat = head(tapped)
             logits.append(out)
             feats.append(feat)
-        return EEOutput(logits, feats)
+        return self.output(logits, feats)

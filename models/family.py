@@ -32,7 +32,8 @@ class EENFamily:
         return self.cfg.num_exits
 
     def build(self, spec: SubmodelSpec | None = None) -> EarlyExitNet:
-        return self._builder(self.cfg, spec or self.global_spec)
+        model = self._builder(self.cfg, spec or self.global_spec)
+        return model.set_policy(self.cfg.policy, self.cfg.boost_weight)
 
     def _meta(self, spec: SubmodelSpec) -> EarlyExitNet:
         with torch.device("meta"):

@@ -68,17 +68,19 @@ class EarlyExitReeViT(EarlyExitViT):
         cls_tokens: list[Tensor] = []
         for i, block in enumerate(self.blocks, start=1):
             h = block(h)
-            cls = h[:, 0]
+            at_exit = e < len(self.exit_after) and i == self.exit_after[e]
+            tapped, h = self.exit_tap(h, e + 1) if at_exit else (h, h)
+            cls = tapped[:, 0]
             cls_tokens.append(cls)
             m = self.ree(torch.stack(cls_tokens, dim=1))
-            if e < len(self.exit_after) and i == self.exit_after[e]:
+            if at_exit:
                 feat = m[:, 0] + cls
                 logits.append(self.ree.head(feat))
                 feats.append(feat)
                 e += 1
             if i < len(self.blocks):  # modulation: the CLS token becomes Ree's last output
                 h = torch.cat([m[:, -1:], h[:, 1:]], dim=1)
-        return EEOutput(logits, feats)
+        return self.output(logits, feats)
 
 
 @register("vit-ree")

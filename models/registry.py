@@ -24,6 +24,8 @@ class ModelConfig:
     vit_heads: int = 3
     vit_patch: int = 4
     vit_mlp_ratio: float = 4.0
+    policy: str = "base"  # how exits are trained and read: "base" or "boosted" (BoostNet)
+    boost_weight: float = 0.2
 
 
 Builder = Callable[[ModelConfig, SubmodelSpec], EarlyExitNet]

@@ -121,11 +121,12 @@ class EarlyExitViT(EarlyExitNet):
         for i, block in enumerate(self.blocks, start=1):
             h = block(h)
             if e < len(self.exit_after) and i == self.exit_after[e]:
-                cls = h[:, 0]
+                tapped, h = self.exit_tap(h, e + 1)
+                cls = tapped[:, 0]
                 logits.append(self.exits[e](cls))
                 feats.append(cls)
                 e += 1
-        return EEOutput(logits, feats)
+        return self.output(logits, feats)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -1,0 +1,85 @@
+"""The boosted (BoostNet) training policy: additive exits and gradient rescaling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fakes import InProcessGrid
+from fedeen.config import ConfigError, load_config
+from fedeen.server_app import run
+from models.base import SubmodelSpec, boosted_logits, grad_scale
+from models.family import EENFamily
+from models.registry import ModelConfig
+
+SMALL = {"num-server-rounds": 1, "max-test-samples": 100, "max-samples-per-client": 64,
+         "image-size": 16, "policy": "boosted"}
+VIT = {"model": "vit", "vit-blocks": 4, "vit-dim": 32, "vit-heads": 2, "vit-patch": 4}
+
+
+def test_boosted_logits_on_a_hand_made_case():
+    z = [torch.tensor([[1.0, 0.0]], requires_grad=True), torch.tensor([[0.0, 2.0]], requires_grad=True),
+         torch.tensor([[1.0, 1.0]], requires_grad=True)]
+    out = boosted_logits(z, 0.2)
+    # e1 = 0.2 z1 = [.2, 0]; e2 = 0.2 (z2 + e1) = [.04, .4]
+    torch.testing.assert_close(out[0], torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(out[1], torch.tensor([[0.2, 2.0]]))
+    torch.testing.assert_close(out[2], torch.tensor([[1.04, 1.4]]))
+    out[2].sum().backward()  # the ensemble of shallower exits is frozen
+    assert z[0].grad is None and z[1].grad is None
+    torch.testing.assert_close(z[2].grad, torch.ones(1, 2))
+
+
+def test_grad_scale_is_identity_forward_and_scales_backward():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    y = grad_scale(x, 0.25)
+    torch.testing.assert_close(y, x.detach())
+    (3 * y).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2,), 0.75))
+
+
+def block_grads(model: str, policy: str, exit_j: int, state: dict | None) -> tuple[list, dict]:
+    cfg = ModelConfig(num_classes=5, image_size=16, vit_blocks=4, vit_dim=32, vit_heads=2,
+                      cnn_width=4, policy=policy)
+    net = EENFamily(model, cfg).build(SubmodelSpec(4, 1.0))
+    if state is not None:
+        net.load_state_dict(state)
+    net.eval()  # same forward in both policies (no BatchNorm batch statistics)
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 3, 16, 16), torch.randn(6, 5)
+    # linear in the exit's logits, so the frozen ensemble added under "boosted" does not
+    # change the gradient arriving at the exit: only the rescaling does
+    (net(x).logits[exit_j - 1] * w).sum().backward()
+    grads = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                        for p in b.parameters()]) for b in net.blocks]
+    return grads, net.state_dict()
+
+
+@pytest.mark.parametrize("model", ["cnn", "vit"])
+def test_boosted_rescales_each_exits_gradient_into_the_backbone(model):
+    """m = 4 exits: exit 1 reaches block 1 with 1/4 of its gradient; exit 2 reaches block 2
+    with 1/3 and block 1 with 1/3 * 3/4 = 1/4 (BoostNet's rescaling)."""
+    base1, state = block_grads(model, "base", 1, None)
+    boost1, _ = block_grads(model, "boosted", 1, state)
+    torch.testing.assert_close(boost1[0], base1[0] / 4)
+    base2, _ = block_grads(model, "base", 2, state)
+    boost2, _ = block_grads(model, "boosted", 2, state)
+    torch.testing.assert_close(boost2[1], base2[1] / 3)
+    torch.testing.assert_close(boost2[0], base2[0] / 4)
+
+
+def test_unknown_policy_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown policy 'l3w'; valid policies: base, boosted"):
+        load_config({"policy": "l3w"})
+
+
+@pytest.mark.parametrize("rc", [{"strategy": "darkdistill"}, {"strategy": "reffl", **VIT},
+                                {"strategy": "depthfl"}], ids=["darkdistill", "reffl", "depthfl"])
+def test_strategies_train_under_the_boosted_policy(rc, out_dir):
+    rc = {**SMALL, **rc, "out-dir": out_dir}
+    summary = run(InProcessGrid(rc, 4), load_config(rc))
+    train = summary["rounds"][0]["train"]
+    assert train["clients-ok"] == 4 and train["clients-failed"] == 0
+    assert all(math.isfinite(summary["final"][f"acc-exit-{j}"]) for j in range(1, 5))
+    assert summary["config"]["policy"] == "boosted"

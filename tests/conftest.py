@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The machine is small and shared: intra-op threads only contend (and spin) here."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def out_dir(tmp_path: Path) -> str:
     return str(tmp_path / "runs")

@@ -32,13 +32,7 @@ SMALL = {"num-server-rounds": 1, "max-test-samples": 100, "max-samples-per-clien
 VIT = {"model": "vit", "vit-blocks": 4, "vit-dim": 32, "vit-heads": 2, "vit-patch": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is small and shared: intra-op threads only contend (and spin) here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_strategy(rc):

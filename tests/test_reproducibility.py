@@ -26,12 +26,7 @@ class ReversedGrid(InProcessGrid):
         return list(reversed(super().send_and_receive(messages, timeout)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def final_model(grid_cls: type[InProcessGrid], rc: dict) -> dict[str, torch.Tensor]:

@@ -175,6 +175,7 @@ def validate(cfg: RunConfig) -> None:
     import strategies  # registry; imported here so config stays importable on its own
     from fedeen import data
     from models import registry as model_registry
+    from models.base import POLICIES
 
     if cfg.strategy not in strategies.available():
         raise ConfigError(
@@ -186,8 +187,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.partitioner not in PARTITIONERS:
         raise ConfigError(
             f"unknown partitioner {cfg.partitioner!r}; valid partitioners: {', '.join(PARTITIONERS)}")
-    from models.base import POLICIES
-
     if cfg.policy not in POLICIES:
         raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}")
     if cfg.device not in DEVICES:

@@ -56,6 +56,8 @@ def scaled(n: int, width: float) -> int:
 
 #: how the exits are trained and read (methods.md sections 1 and 9); orthogonal to the FL method
 POLICIES = ("base", "boosted")
+#: BoostNet's ensemble weight w (the DarkDistill authors' value)
+BOOST_WEIGHT = 0.2
 
 
 class _GradScale(torch.autograd.Function):
@@ -104,9 +106,9 @@ class EarlyExitNet(nn.Module):
             raise ValueError(f"{type(self).__name__} depth must be in 1..{num_exits}, "
                              f"got {spec.depth}")
         self.frontend = frontend if frontend is not None else nn.Identity()
-        self.policy, self.boost_weight = "base", 0.2
+        self.policy, self.boost_weight = "base", BOOST_WEIGHT
 
-    def set_policy(self, policy: str, boost_weight: float = 0.2) -> "EarlyExitNet":
+    def set_policy(self, policy: str, boost_weight: float = BOOST_WEIGHT) -> "EarlyExitNet":
         if policy not in POLICIES:
             raise ValueError(f"unknown training policy {policy!r}; valid: {', '.join(POLICIES)}")
         self.policy, self.boost_weight = policy, boost_weight

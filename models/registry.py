@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from models.base import EarlyExitNet, SubmodelSpec
+from models.base import BOOST_WEIGHT, EarlyExitNet, SubmodelSpec
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ModelConfig:
     vit_patch: int = 4
     vit_mlp_ratio: float = 4.0
     policy: str = "base"  # how exits are trained and read: "base" or "boosted" (BoostNet)
-    boost_weight: float = 0.2
+    boost_weight: float = BOOST_WEIGHT
 
 
 Builder = Callable[[ModelConfig, SubmodelSpec], EarlyExitNet]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from fakes import InProcessGrid
 from fedeen.config import ConfigError, load_config
 from fedeen.server_app import run
-from models.base import SubmodelSpec, boosted_logits, grad_scale
+from models.base import POLICIES, SubmodelSpec, boosted_logits, grad_scale
 from models.family import EENFamily
 from models.registry import ModelConfig
 
@@ -82,4 +83,15 @@ def test_strategies_train_under_the_boosted_policy(rc, out_dir):
     train = summary["rounds"][0]["train"]
     assert train["clients-ok"] == 4 and train["clients-failed"] == 0
     assert all(math.isfinite(summary["final"][f"acc-exit-{j}"]) for j in range(1, 5))
-    assert summary["config"]["policy"] == "boosted"
+
+
+def test_the_policy_reaches_client_training(tmp_path):
+    """Same seed, same data: only the policy differs, so the trained global models must too
+    (a policy that never reached the clients' models would leave them bit-identical)."""
+    models = {}
+    for policy in POLICIES:
+        rc = {**SMALL, "policy": policy, "out-dir": str(tmp_path / policy)}
+        summary = run(InProcessGrid(rc, 4), load_config(rc))
+        models[policy] = torch.load(Path(summary["run_dir"]) / "final_model.pt", weights_only=True)
+    base, boosted = models["base"], models["boosted"]
+    assert any(not torch.equal(base[k], boosted[k]) for k in base if k.startswith("blocks."))

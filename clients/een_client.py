@@ -1,9 +1,9 @@
 """EENClient: the NumPyClient that trains and evaluates one budget-sized submodel.
 
-The ClientApp adapter passes the arrays with their names (config ``param-keys``); the
-strategy's config names the spec (depth, width), the objective and the learning rate. Extra
-payloads for the server (e.g. DarkDistill's per-sample difficulty) are collected in
-``records`` and travel as their own named record.
+The ClientApp adapter passes the arrays with their names (config ``param-keys``); the rest of
+the config is the strategy's ``Instructions`` (spec, objective, learning rate, ...), read
+strictly. Extra payloads for the server (e.g. DarkDistill's per-sample difficulty) are
+collected in ``records`` and travel as their own named record.
 """
 from __future__ import annotations
 
@@ -16,13 +16,20 @@ from flwr.client import NumPyClient
 from torch.nn import functional as F
 
 from clients import losses
-from clients.augment import augment_images
 from fedeen.config import RunConfig
-from fedeen.data import ClientData, DatasetInfo, Tensors
+from fedeen.data import ClientData, DatasetInfo, Tensors, hflip_for, modalities
+from fedeen.protocol import DIFFICULTY_RECORD, Instructions
 from models.base import EarlyExitNet, SubmodelSpec
 from models.family import EENFamily
+from models.state import load_state
 
 PARAM_KEYS = "param-keys"
+
+
+def split_config(config: dict[str, Any]) -> tuple[list[str], Instructions]:
+    """The tensor names the adapter added and the strategy's instructions."""
+    rest = {k: v for k, v in config.items() if k != PARAM_KEYS}
+    return list(config[PARAM_KEYS]), Instructions.from_config(rest)
 
 
 class EENClient(NumPyClient):
@@ -30,21 +37,21 @@ class EENClient(NumPyClient):
                  device: torch.device, client_seed: int) -> None:
         self.family, self.data, self.cfg, self.info = family, data, cfg, info
         self.device, self.client_seed = device, client_seed
+        self.modality = modalities.get(info.modality)
+        self.hflip = hflip_for(cfg, info)
         self.objective_state: dict[str, Any] = {}
         self.records: dict[str, dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ model I/O
-    def load_model(self, parameters: list[np.ndarray], config: dict[str, Any]
-                   ) -> tuple[EarlyExitNet, list[str]]:
-        spec = SubmodelSpec(int(config["depth"]), float(config["width"]))
-        keys = list(config[PARAM_KEYS])
+    def load_model(self, parameters: list[np.ndarray], keys: list[str],
+                   instructions: Instructions) -> EarlyExitNet:
+        spec = SubmodelSpec(instructions.depth, instructions.width)
         expected = self.family.shapes(spec)
         if set(keys) != set(expected):
             raise ValueError(f"received tensors do not match spec {spec}: "
                              f"{len(set(keys) ^ set(expected))} names differ")
-        model = self.family.build(spec)
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters)})
-        return model.to(self.device), keys
+        model = load_state(self.family.build(spec), dict(zip(keys, parameters)))
+        return model.to(self.device)
 
     @staticmethod
     def export(model: EarlyExitNet, keys: list[str]) -> list[np.ndarray]:
@@ -58,16 +65,17 @@ class EENClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         t0 = time.perf_counter()
-        model, keys = self.load_model(parameters, config)
-        server_round = int(config.get("server-round", 0))
+        keys, instructions = split_config(config)
+        model = self.load_model(parameters, keys, instructions)
+        server_round = instructions.server_round
         gen = torch.Generator().manual_seed(self.client_seed * 100_003 + server_round)
         torch.manual_seed(self.client_seed * 100_003 + server_round)
-        objective = losses.get(str(config["objective"]))
-        if config.get("record-difficulty"):
-            self.records["difficulty"] = self.difficulty_record(model)
+        objective = losses.get(instructions.objective)
+        if instructions.record_difficulty:
+            self.records[DIFFICULTY_RECORD] = self.difficulty_record(model)
         received = {k: v.detach().clone() for k, v in model.named_parameters()}
-        ctx = losses.ObjectiveContext(config, self.objective_state, model, received)
-        opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]),
+        ctx = losses.ObjectiveContext(instructions, self.objective_state, model, received)
+        opt = torch.optim.SGD(model.parameters(), lr=instructions.lr,
                               momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
         train = self.data.train
         model.train()
@@ -82,7 +90,7 @@ class EENClient(NumPyClient):
                 total += float(loss.detach()) * len(yb)
                 count += len(yb)
         metrics = {"train-loss": total / max(count, 1), "train-seconds": time.perf_counter() - t0,
-                   "level": int(config.get("level", 0))}
+                   "level": instructions.level}
         return self.export(model, keys), len(train), metrics
 
     def batches(self, data: Tensors, gen: torch.Generator, shuffle: bool, augment: bool):
@@ -93,8 +101,8 @@ class EENClient(NumPyClient):
             if shuffle and len(idx) < 2:
                 continue  # BatchNorm cannot train on a single sample
             xb, yb = data.x[idx], data.y[idx]
-            if augment and self.info.modality == "image":
-                xb = augment_images(xb, self.info.hflip, gen)
+            if augment and self.modality.augment is not None:
+                xb = self.modality.augment(xb, self.hflip, gen)
             yield xb.to(self.device), yb.to(self.device)
 
     @torch.no_grad()
@@ -116,7 +124,8 @@ class EENClient(NumPyClient):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
                  ) -> tuple[float, int, dict[str, Any]]:
-        model, _ = self.load_model(parameters, config)
+        keys, instructions = split_config(config)
+        model = self.load_model(parameters, keys, instructions)
         val = self.data.val
         if len(val) == 0:
             return 0.0, 0, {}

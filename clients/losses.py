@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from fedeen.protocol import Instructions
 from models.base import EEOutput
 
 
@@ -23,19 +24,16 @@ from models.base import EEOutput
 class ObjectiveContext:
     """What an objective may read besides outputs and labels.
 
-    ``config`` is the strategy's per-client config for this round; ``state`` persists on the
+    ``config`` is the strategy's instructions for this round; ``state`` persists on the
     node across rounds (the ClientApp keeps it in ``context.state``; store numpy arrays or
     floats); ``model`` and ``received`` (the parameters as received this round) serve
     parameter regularisers such as FedDyn's.
     """
 
-    config: Mapping[str, Any]
+    config: Instructions
     state: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     received: dict[str, Tensor] = field(default_factory=dict)
-
-    def get(self, key: str, default: Any) -> Any:
-        return type(default)(self.config.get(key, default))
 
 
 Objective = Callable[[EEOutput, Tensor, ObjectiveContext], Tensor]
@@ -169,12 +167,13 @@ def depthfl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     ce = torch.stack([F.cross_entropy(z, y) for z in out.logits]).sum()
     loss = ce
     if k > 1:
-        lam = consistency_ramp(ctx.get("server-round", 0.0), ctx.get("kd-rampup-rounds", 0.0))
-        t = ctx.get("kd-temperature", 1.0)
+        lam = consistency_ramp(float(ctx.config.server_round),
+                               float(ctx.config.kd_rampup_rounds))
+        t = ctx.config.kd_temperature
         kd = sum(kl_distill(zi, zj, t) for i, zi in enumerate(out.logits)
                  for j, zj in enumerate(out.logits) if j != i)
         loss = loss + lam / (k - 1) * kd
-    alpha = ctx.get("feddyn-alpha", 0.0)
+    alpha = ctx.config.feddyn_alpha
     if alpha > 0:
         loss = loss + feddyn_penalty(ctx, alpha)
     return loss
@@ -187,7 +186,7 @@ def scalefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     [sum_{j<k} j (CE(z_j) + gamma KL_T(z_k.detach || z_j)) + k CE(z_k)] / (k(k+1)/2).
     ``kd-gamma`` is 0 before the strategy turns distillation on."""
     k = out.num_exits
-    gamma, t = ctx.get("kd-gamma", 0.0), ctx.get("kd-temperature", 1.0)
+    gamma, t = ctx.config.kd_gamma, ctx.config.kd_temperature
     last = out.logits[-1]
     loss = k * F.cross_entropy(last, y)
     for j, z in enumerate(out.logits[:-1], start=1):
@@ -207,9 +206,9 @@ def reefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     exit with the lowest moving-average training CE (0.8 old + 0.2 batch, reset to zero at
     the start of each round as in the authors' ``dynamic_ma``; updated before t is chosen).
     ``grad-clip`` > 0 clips gradients element-wise (the authors clip at 1.0)."""
-    clip_grad_values(ctx, ctx.get("grad-clip", 0.0))
+    clip_grad_values(ctx, ctx.config.grad_clip)
     ces = [F.cross_entropy(z, y) for z in out.logits]
-    rnd = float(ctx.get("server-round", 0.0))
+    rnd = float(ctx.config.server_round)
     ma = ctx.state.get(REEFL_MA)
     if ma is None or len(ma) != len(ces) or float(ctx.state.get(REEFL_ROUND, -1.0)) != rnd:
         ma = np.zeros(len(ces))
@@ -218,7 +217,7 @@ def reefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     loss = torch.stack(ces).sum()
     if len(ces) > 1:
         t = int(np.argmin(ma))
-        lam = consistency_ramp(rnd, ctx.get("kd-rampup-rounds", 0.0))
+        lam = consistency_ramp(rnd, float(ctx.config.kd_rampup_rounds))
         kd = sum(kl_distill(z, out.logits[t], 1.0) for j, z in enumerate(out.logits) if j != t)
         loss = loss + lam * kd
     return loss

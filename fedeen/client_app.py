@@ -10,14 +10,16 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.een_client import PARAM_KEYS, EENClient
+from fedeen.app_config import family_for, load_config
 from fedeen.budgets import node_level
-from fedeen.config import ConfigError, RunConfig, load_config
+from fedeen.config import ConfigError, RunConfig
 from fedeen.data import load_client_data, source_for
-from fedeen.runtime import family_for, resolve_device
+from fedeen.protocol import NUM_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION, from_record, to_record
+from fedeen.runtime import resolve_device
 
 app = ClientApp()
 
@@ -41,16 +43,16 @@ def client_for(context: Context) -> EENClient:
 
 
 def _unpack(msg: Message) -> tuple[list[str], list[Any], dict[str, Any]]:
-    arrays = msg.content["arrays"]
-    keys = list(arrays.keys())
+    state = from_record(msg.content["arrays"])
+    keys = list(state)
     config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
     config[PARAM_KEYS] = keys
-    return keys, [arrays[k].numpy() for k in keys], config
+    return keys, [state[k] for k in keys], config
 
 
 def _metrics(values: dict[str, Any], num_examples: int) -> MetricRecord:
     clean = {k: v for k, v in values.items() if isinstance(v, (int, float, list))}
-    return MetricRecord({**clean, "num-examples": int(num_examples)})
+    return MetricRecord({**clean, NUM_EXAMPLES: int(num_examples)})
 
 
 OBJECTIVE_STATE = "objective-state"
@@ -58,14 +60,13 @@ OBJECTIVE_STATE = "objective-state"
 
 def _load_objective_state(context: Context) -> dict[str, Any]:
     if OBJECTIVE_STATE in context.state.array_records:
-        return {k: a.numpy() for k, a in context.state[OBJECTIVE_STATE].items()}
+        return from_record(context.state[OBJECTIVE_STATE])
     return {}
 
 
 def _save_objective_state(context: Context, state: dict[str, Any]) -> None:
     if state:
-        context.state[OBJECTIVE_STATE] = ArrayRecord(
-            {k: Array(np.asarray(v)) for k, v in state.items()})
+        context.state[OBJECTIVE_STATE] = to_record(state)
 
 
 @app.train()
@@ -77,11 +78,11 @@ def train(msg: Message, context: Context) -> Message:
     new_params, n, metrics = client.fit(params, config)
     _save_objective_state(context, client.objective_state)
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in zip(keys, new_params)}),
+        "arrays": to_record(dict(zip(keys, new_params))),
         "metrics": _metrics(metrics, n),
     })
     for name, arrays in client.records.items():
-        content[name] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        content[name] = to_record(arrays)
     return Message(content, reply_to=msg)
 
 
@@ -98,8 +99,8 @@ def query(msg: Message, context: Context) -> Message:
     """Answers the server's one-time question about this node's budget level."""
     cfg = load_config(context.run_config)
     level = node_level(context.node_config, cfg.level_ratios)
-    key = int(context.node_config.get("partition-id", -1))
-    return Message(RecordDict({"metrics": MetricRecord({"budget-level": level,
-                                                        "partition-id": key}),
-                               "config": ConfigRecord({"answer": "budget-level"})}),
+    key = int(context.node_config.get(QUERY_PARTITION, -1))
+    return Message(RecordDict({"metrics": MetricRecord({QUERY_LEVEL: level,
+                                                        QUERY_PARTITION: key}),
+                               "config": ConfigRecord({"answer": QUERY_LEVEL})}),
                    reply_to=msg)

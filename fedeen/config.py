@@ -1,9 +1,17 @@
 """The run configuration: one frozen, validated dataclass built from ``context.run_config``.
 
-Every error a user can make in ``--run-config`` is raised here, before any data is loaded or
-a round starts, with a message that names the key and the valid choices. The defaults below
-are the single source of truth; ``pyproject.toml`` repeats them for ``flwr run`` and a test
-keeps the two identical.
+``RunConfig`` holds the keys every run reads (federation, data, training, evaluation,
+bookkeeping) as typed fields, and the option groups of the backbones and of the strategies
+(``models.options.Options``) as typed objects: ``cfg.options_of(ViTOptions).dim``. This module
+knows the backbones' groups from the model registry (the layer below) and takes the
+strategies' groups from its caller, so nothing here depends on what was imported before:
+``fedeen.app_config.load_config`` (at the top, beside the apps) passes every registered
+strategy's group and adds the checks that need the registries and the data.
+
+Run-config keys are the field names with ``-`` for ``_`` (``num-server-rounds``); an option
+group's keys carry its prefix (``vit-dim``, ``darkdistill-kd-lr``; ``models.options.key_for``).
+The defaults below and in the option groups are the source of truth; ``pyproject.toml``
+repeats them for ``flwr run`` and a test keeps the two equal.
 """
 from __future__ import annotations
 
@@ -11,10 +19,17 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
+
+from models import EENFamily, ModelConfig
+from models import registry as model_registry
+from models.base import POLICIES
+from models.options import Options, OptionError, all_defaults, coerce, key_for
 
 PARTITIONERS = ("iid", "dirichlet", "natural")
 DEVICES = ("auto", "cpu", "cuda")
+HFLIP_CHOICES = ("auto", "true", "false")
+O = TypeVar("O", bound=Options)
 
 
 class ConfigError(ValueError):
@@ -50,16 +65,9 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0001
     augment: bool = True
-    # model
+    augment_hflip: str = "auto"
+    # model input and training policy (how exits are trained and read; any strategy)
     image_size: int = 32
-    cnn_width: int = 16
-    cnn_blocks: int = 1
-    vit_blocks: int = 12
-    vit_dim: int = 192
-    vit_heads: int = 3
-    vit_patch: int = 4
-    vit_mlp_ratio: float = 4.0
-    # training policy (how exits are trained and read; any strategy)
     policy: str = "base"
     boosted_ensemble_weight: float = 0.2
     # evaluation and bookkeeping
@@ -70,8 +78,9 @@ class RunConfig:
     out_dir: str = ""
     checkpoint_every: int = 1
     resume: str = ""
-    # strategy-specific options (keys registered by strategy modules), as sorted pairs
-    options: tuple[tuple[str, Any], ...] = ()
+    # option groups: every backbone's, and the strategies' the caller passed
+    options: tuple[Options, ...] = dataclasses.field(
+        default_factory=lambda: tuple(g() for g in model_registry.option_classes()))
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -82,39 +91,24 @@ class RunConfig:
     def num_levels(self) -> int:
         return len(self.level_ratios)
 
-    def opt(self, key: str) -> Any:
-        """A strategy option by its run-config key (its registered default if not set)."""
-        given = dict(self.options)
-        if key in given:
-            return given[key]
-        if key in STRATEGY_OPTIONS:
-            return STRATEGY_OPTIONS[key]
-        raise KeyError(f"unknown strategy option {key!r}; registered: {sorted(STRATEGY_OPTIONS)}")
+    def options_of(self, group: type[O]) -> O:
+        """The values of one option group (a backbone's or a strategy's)."""
+        for obj in self.options:
+            if type(obj) is group:
+                return obj
+        raise KeyError(f"this run config holds no {group.__name__}; it holds "
+                       f"{[type(o).__name__ for o in self.options]}")
 
     def as_run_config(self) -> dict[str, Any]:
         """The hyphenated ``run_config`` form (what pyproject and ``--run-config`` use)."""
-        out = {to_key(f.name): getattr(self, f.name) for f in fields(self) if f.name != "options"}
-        out.update({k: self.opt(k) for k in STRATEGY_OPTIONS})
+        out = {key_for("", f.name): getattr(self, f.name) for f in core_fields()}
+        for obj in self.options:
+            out.update(obj.as_run_config())
         return out
 
 
-#: run-config keys owned by strategy modules, with their defaults (see ``register_options``)
-STRATEGY_OPTIONS: dict[str, Any] = {}
-
-
-def register_options(defaults: Mapping[str, Any]) -> None:
-    """Declare a strategy's own run-config keys (hyphenated, prefixed by the strategy name).
-
-    Their defaults must also appear in pyproject's ``[tool.flwr.app.config]``.
-    """
-    for key, value in defaults.items():
-        if key in STRATEGY_OPTIONS or to_key(key.replace("-", "_")) in _FIELDS_NAMES:
-            raise ValueError(f"run-config key {key!r} is already defined")
-        STRATEGY_OPTIONS[key] = value
-
-
-def to_key(field_name: str) -> str:
-    return field_name.replace("_", "-")
+def core_fields() -> list[dataclasses.Field]:
+    return [f for f in fields(RunConfig) if f.name != "options"]
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
@@ -122,75 +116,52 @@ def parse_ratios(text: str) -> tuple[float, ...]:
         ratios = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise ConfigError(f"budget-ratios must be comma-separated numbers, got {text!r}") from None
-    if any(r < 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
+    if not all(math.isfinite(r) and r >= 0 for r in ratios) \
+            or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
         raise ConfigError(f"budget-ratios must be non-negative and sum to 1, got {text!r}")
     return ratios
 
 
-_FIELDS = {to_key(f.name): f for f in fields(RunConfig) if f.name != "options"}
-_FIELDS_NAMES = set(_FIELDS)
+def load_run_config(run_config: Mapping[str, Any],
+                    strategy_groups: Iterable[type[Options]] = ()) -> RunConfig:
+    """Validate ``run_config`` (missing keys take defaults) and return the frozen config.
 
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    kind = type(default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"run-config key {key!r} must be a {kind.__name__}, got {value!r}")
-
-
-def load_config(run_config: Mapping[str, Any], num_nodes: int | None = None) -> RunConfig:
-    """Validate ``run_config`` (missing keys take defaults) and return the frozen config."""
-    import strategies  # noqa: F401  (strategy modules register their option keys)
-
-    unknown = sorted(set(run_config) - set(_FIELDS) - set(STRATEGY_OPTIONS))
+    ``strategy_groups`` are the option groups whose keys are accepted besides the core and
+    backbone keys; an unknown key is an error that lists the valid ones.
+    """
+    groups = [*model_registry.option_classes(), *strategy_groups]
+    groups = list(dict.fromkeys(groups))
+    core = {key_for("", f.name): f for f in core_fields()}
+    group_keys = all_defaults(groups)
+    unknown = sorted(set(run_config) - set(core) - set(group_keys))
     if unknown:
-        valid = sorted([*_FIELDS, *STRATEGY_OPTIONS])
+        valid = sorted([*core, *group_keys])
         raise ConfigError(f"unknown run-config keys {unknown}; valid keys: {', '.join(valid)}")
-    values: dict[str, Any] = {}
-    for key, f in _FIELDS.items():
-        if key in run_config:
-            values[f.name] = _coerce(key, run_config[key], f.default)
-    options = tuple(sorted((k, _coerce(k, v, STRATEGY_OPTIONS[k]))
-                           for k, v in run_config.items() if k in STRATEGY_OPTIONS))
+    try:
+        values = {f.name: coerce(key, run_config[key], f.default)
+                  for key, f in core.items() if key in run_config}
+        options = tuple(g.from_run_config(run_config) for g in groups)
+    except OptionError as err:
+        raise ConfigError(str(err)) from None
     cfg = RunConfig(**values, options=options)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
-    """Raise ConfigError on the first invalid value (checked in the order users set them)."""
-    import strategies  # registry; imported here so config stays importable on its own
-    from fedeen import data
-    from models import registry as model_registry
-    from models.base import POLICIES
-
-    if cfg.strategy not in strategies.available():
-        raise ConfigError(
-            f"unknown strategy {cfg.strategy!r}; valid strategies: {', '.join(strategies.available())}")
-    if cfg.model not in model_registry.available():
-        raise ConfigError(
-            f"unknown model {cfg.model!r}; valid models: {', '.join(model_registry.available())}")
-    data.check_dataset_name(cfg.dataset)
-    if cfg.partitioner not in PARTITIONERS:
-        raise ConfigError(
-            f"unknown partitioner {cfg.partitioner!r}; valid partitioners: {', '.join(PARTITIONERS)}")
-    if cfg.policy not in POLICIES:
-        raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}")
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"unknown device {cfg.device!r}; valid devices: {', '.join(DEVICES)}")
+    """Raise ConfigError on the first invalid core value (checked in the order users set them)."""
+    choices = [("model", cfg.model, model_registry.available(), "models"),
+               ("partitioner", cfg.partitioner, PARTITIONERS, "partitioners"),
+               ("policy", cfg.policy, POLICIES, "policies"),
+               ("device", cfg.device, DEVICES, "devices"),
+               ("augment-hflip", cfg.augment_hflip, HFLIP_CHOICES, "values")]
+    for key, value, valid, plural in choices:
+        if value not in valid:
+            raise ConfigError(f"unknown {key} {value!r}; valid {plural}: {', '.join(valid)}")
+    for f in core_fields():
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"run-config {key_for('', f.name)} = {value!r} must be a finite number")
     checks = [
         ("alpha", cfg.alpha > 0, "must be > 0"),
         ("num-server-rounds", cfg.num_server_rounds >= 1, "must be >= 1"),
@@ -208,26 +179,17 @@ def validate(cfg: RunConfig) -> None:
         ("momentum", 0 <= cfg.momentum < 1, "must be in [0, 1)"),
         ("weight-decay", cfg.weight_decay >= 0, "must be >= 0"),
         ("image-size", cfg.image_size >= 8, "must be >= 8"),
-        ("cnn-width", cfg.cnn_width >= 1, "must be >= 1"),
-        ("cnn-blocks", cfg.cnn_blocks >= 1, "must be >= 1"),
-        ("vit-blocks", cfg.vit_blocks >= cfg.num_levels, f"must be >= the {cfg.num_levels} exits"),
-        ("vit-dim", cfg.vit_dim % max(cfg.vit_heads, 1) == 0, "must be divisible by vit-heads"),
-        ("vit-heads", cfg.vit_heads >= 1, "must be >= 1"),
-        ("vit-patch", cfg.vit_patch >= 1 and cfg.image_size % cfg.vit_patch == 0,
-         "must divide image-size"),
-        ("vit-mlp-ratio", cfg.vit_mlp_ratio > 0, "must be > 0"),
         ("boosted-ensemble-weight", cfg.boosted_ensemble_weight > 0, "must be > 0"),
         ("exit-p", cfg.exit_p > 0, "must be > 0"),
         ("eval-batch-size", cfg.eval_batch_size >= 1, "must be >= 1"),
+        ("seed", cfg.seed >= 0, "must be >= 0"),
         ("checkpoint-every", cfg.checkpoint_every >= 0, "must be >= 0 (0 = only the last round)"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"run-config {key} = {getattr(cfg, key.replace('-', '_'))!r} {why}")
     cfg.level_ratios  # noqa: B018  (raises ConfigError on a bad mix)
-    if cfg.model == "cnn" and cfg.num_levels > 4:
-        raise ConfigError(f"the cnn has 4 stages, so at most 4 budget levels; budget-ratios "
-                          f"{cfg.budget_ratios!r} asks for {cfg.num_levels} (use model='vit')")
+    check_model_builds(cfg)
     if cfg.out_dir and not os.path.isabs(os.path.expanduser(cfg.out_dir)):
         raise ConfigError(
             f"out-dir must be an absolute path (the app runs from Flower's app cache), got {cfg.out_dir!r}")
@@ -238,16 +200,23 @@ def validate(cfg: RunConfig) -> None:
                               f"checkpoint.pt, got {cfg.resume!r}")
         if not os.path.exists(checkpoint_path(path)):
             raise ConfigError(f"resume: no checkpoint at {checkpoint_path(path)}")
-    import strategies as _s
-    _s.get(cfg.strategy).check_config(cfg)
+
+
+def check_model_builds(cfg: RunConfig) -> None:
+    """The configured backbone can carry ``cfg.num_levels`` exits at ``image-size`` (built on
+    the meta device, so nothing is allocated)."""
+    family = model_registry.get(cfg.model)
+    model_cfg = ModelConfig(num_classes=2, image_size=cfg.image_size, num_exits=cfg.num_levels,
+                            backbone=cfg.options_of(family.options))
+    try:
+        EENFamily(cfg.model, model_cfg).shapes()
+    except ValueError as err:
+        raise ConfigError(f"model {cfg.model!r} cannot be built with budget-ratios "
+                          f"{cfg.budget_ratios!r} ({cfg.num_levels} exits) and its options: "
+                          f"{err}") from None
 
 
 def checkpoint_path(resume: str) -> str:
     path = os.path.expanduser(resume)
     return path if path.endswith(".pt") else os.path.join(path, "checkpoint.pt")
 
-
-def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
-    new = dataclasses.replace(cfg, **changes)
-    validate(new)
-    return new

@@ -23,7 +23,8 @@ from flwr.common.logger import log
 
 from fedeen.config import RunConfig
 from fedeen.evaluation import BudgetPoint
-from strategies.base import HeteroEENStrategy, RoundObserver, RoundTimings
+from fedeen.rounds import RoundObserver, RoundTimings, ServerState
+from models.state import to_tensors
 
 DEFAULT_OUT = "~/fedeen-runs"
 
@@ -69,7 +70,7 @@ class RunRecorder(RoundObserver):
         return rec
 
     def round_done(self, server_round: int, central: dict | None, train: dict, evaluate: dict,
-                   timings: RoundTimings, strategy: HeteroEENStrategy) -> None:
+                   timings: RoundTimings, server: ServerState) -> None:
         row = {"round": server_round, "central": central or {}, "train": train,
                "federated": evaluate, "timings": timings.as_dict()}
         self.rounds.append(row)
@@ -88,14 +89,13 @@ class RunRecorder(RoundObserver):
             train.get("clients-failed", 0), extra)
         every = self.cfg.checkpoint_every
         if (every and server_round % every == 0) or server_round == self.cfg.num_server_rounds:
-            self.checkpoint(server_round, strategy)
+            self.checkpoint(server_round, server)
 
-    def checkpoint(self, server_round: int, strategy: HeteroEENStrategy) -> None:
+    def checkpoint(self, server_round: int, server: ServerState) -> None:
         """One file holds what resuming needs: model, server state, round and config."""
         torch.save({"round": server_round, "config": self.cfg.as_run_config(),
-                    "global_state": {k: torch.from_numpy(np.array(v)) for k, v in
-                                     strategy.global_state.items()},
-                    "strategy_state": strategy.state_dict()},
+                    "global_state": to_tensors(server.global_state),
+                    "strategy_state": server.state_dict()},
                    self.path / "checkpoint.pt")
 
     # ------------------------------------------------------------------ end of run
@@ -108,8 +108,7 @@ class RunRecorder(RoundObserver):
                final_curve: list[BudgetPoint] | None = None) -> dict[str, Any]:
         """Write everything; ``curve`` is the best-validation round's, ``final_curve`` the
         last round's budgeted-inference curve."""
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in final_state.items()},
-                   self.path / "final_model.pt")
+        torch.save(to_tensors(final_state), self.path / "final_model.pt")
         cols = exit_columns(self.num_exits)
         final = self.rounds[-1]["central"] if self.rounds else {}
         best = self.best_round()

@@ -1,4 +1,4 @@
-"""Process-level helpers shared by the ServerApp and ClientApp: seeding, device, model family."""
+"""Process-level helpers shared by the server and the clients: seeding, device, model config."""
 from __future__ import annotations
 
 import random
@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from fedeen.config import RunConfig
-from fedeen.data import DatasetInfo
-from models.family import EENFamily
+from fedeen.data import DatasetInfo, modalities
+from models import registry as model_registry
 from models.registry import ModelConfig
 
 
@@ -24,18 +24,10 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def model_config(cfg: RunConfig, info: DatasetInfo) -> ModelConfig:
+def model_config(cfg: RunConfig, info: DatasetInfo, family: str) -> ModelConfig:
+    """What model family ``family`` needs to build its submodels for this run and dataset."""
     return ModelConfig(
         num_classes=info.num_classes, in_chans=info.in_chans, image_size=cfg.image_size,
-        modality=info.modality, sample_rate=info.sample_rate or 16000,
-        num_exits=cfg.num_levels, cnn_width=cfg.cnn_width, cnn_blocks=cfg.cnn_blocks,
-        vit_blocks=cfg.vit_blocks, vit_dim=cfg.vit_dim, vit_heads=cfg.vit_heads,
-        vit_patch=cfg.vit_patch, vit_mlp_ratio=cfg.vit_mlp_ratio, policy=cfg.policy,
-        boost_weight=cfg.boosted_ensemble_weight)
-
-
-def family_for(cfg: RunConfig, info: DatasetInfo) -> EENFamily:
-    """The family the configured strategy trains (it may pick a variant of ``cfg.model``)."""
-    import strategies
-
-    return EENFamily(strategies.get(cfg.strategy).family_name(cfg), model_config(cfg, info))
+        frontend=modalities.get(info.modality).frontend, sample_rate=info.sample_rate or 16000,
+        num_exits=cfg.num_levels, policy=cfg.policy, boost_weight=cfg.boosted_ensemble_weight,
+        backbone=cfg.options_of(model_registry.get(family).options))

@@ -11,14 +11,16 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-import strategies
-from fedeen.config import ConfigError, RunConfig, checkpoint_path, load_config
+from fedeen.app_config import build_strategy, family_for, load_config
+from fedeen.config import ConfigError, RunConfig, checkpoint_path
 from fedeen.data import ServerData, load_server_data
 from fedeen.evaluation import budget_curve, exit_accuracies, predict
+from fedeen.protocol import to_record
 from fedeen.results import RunRecorder, exit_columns
-from fedeen.runtime import family_for, resolve_device, seed_everything
+from fedeen.runtime import resolve_device, seed_everything
 from models.family import EENFamily
-from strategies.base import HeteroEENStrategy, to_record
+from models.state import load_state, to_state
+from strategies.base import HeteroEENStrategy
 
 app = ServerApp()
 
@@ -49,8 +51,7 @@ class CentralEvaluator:
         val = predict(self.model, self.data.val, bs, self.device)
         test = predict(self.model, self.data.test, bs, self.device)
         for exit_k, sub_state in self.strategy.exit_states().items():
-            sub = self.family.build(self.strategy.level_spec(exit_k))
-            sub.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sub_state.items()})
+            sub = load_state(self.family.build(self.strategy.level_spec(exit_k)), sub_state)
             val[exit_k - 1] = predict(sub, self.data.val, bs, self.device)[exit_k - 1]
             test[exit_k - 1] = predict(sub, self.data.test, bs, self.device)[exit_k - 1]
         return val, test
@@ -79,7 +80,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     device = resolve_device(cfg)
     data = load_server_data(cfg)
     family = family_for(cfg, data.info)
-    strategy = strategies.get(cfg.strategy)(cfg, family)
+    strategy = build_strategy(cfg, family)
     evaluator = CentralEvaluator(family, data, cfg, device, strategy)
     if cfg.resume:
         initial, first_round, recorder = resume(cfg, strategy, evaluator)
@@ -89,7 +90,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     log(logging.INFO, "fedeen: %s on %s (%d classes, %s), %s model, rounds %d..%d; run dir %s "
         "(setup %.1fs)", cfg.strategy, data.info.name, data.info.num_classes, data.info.modality,
         cfg.model, first_round, cfg.num_server_rounds, recorder.path, time.perf_counter() - t0)
-    strategy.global_state = initial
+    strategy.initialize(initial)
     result = strategy.start(grid, to_record(initial), num_rounds=cfg.num_server_rounds,
                             evaluate_fn=evaluator, observer=recorder, first_round=first_round)
     init_metrics = dict(result.evaluate_metrics_serverapp.get(0, {}))
@@ -122,7 +123,7 @@ def resume(cfg: RunConfig, strategy: HeteroEENStrategy, evaluator: CentralEvalua
     best = recorder.best_round()
     if best is not None:
         evaluator.best_val = best["central"]["val-acc-mean"]
-    state = {k: v.numpy() for k, v in ckpt["global_state"].items()}
+    state = to_state(ckpt["global_state"])
     log(logging.INFO, "fedeen: resuming %s after round %d", path, done)
     return state, done + 1, recorder
 

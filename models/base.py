@@ -54,7 +54,7 @@ def scaled(n: int, width: float) -> int:
     return max(1, int(round(n * width)))
 
 
-#: how the exits are trained and read (methods.md sections 1 and 9); orthogonal to the FL method
+#: how the exits are trained and read (docs/methods/policies.md); orthogonal to the FL method
 POLICIES = ("base", "boosted")
 #: BoostNet's ensemble weight w (the DarkDistill authors' value)
 BOOST_WEIGHT = 0.2

@@ -5,11 +5,25 @@ narrow submodel's tensors are leading slices of the global ones.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from models.base import EarlyExitNet, EEOutput, SubmodelSpec, scaled
+from models.frontends import build_frontend
+from models.options import Options, option
+from models.registry import ModelConfig, register
 
 STAGE_MULTIPLIERS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class CNNOptions(Options):
+    """The CNN's size: base channels (doubled per stage) and residual blocks per stage."""
+
+    prefix = "cnn"
+    width: int = option(16, lambda v: v >= 1, "must be >= 1")
+    blocks: int = option(1, lambda v: v >= 1, "must be >= 1")
 
 
 class BasicBlock(nn.Module):
@@ -56,20 +70,17 @@ class ConvExit(nn.Module):
 class EarlyExitCNN(EarlyExitNet):
     """Depth = number of stages (and exits) kept; width = channel ratio."""
 
-    def __init__(
-        self,
-        spec: SubmodelSpec,
-        num_classes: int,
-        in_chans: int = 3,
-        image_size: int = 32,
-        base_width: int = 16,
-        blocks_per_stage: int = 1,
-        num_exits: int = 4,
-        frontend: nn.Module | None = None,
-    ) -> None:
-        super().__init__(spec, num_exits, frontend)
-        self.in_chans, self.image_size = in_chans, image_size
-        widths = [scaled(base_width * m, spec.width) for m in STAGE_MULTIPLIERS[:num_exits]]
+    def __init__(self, spec: SubmodelSpec, cfg: ModelConfig) -> None:
+        if cfg.num_exits > len(STAGE_MULTIPLIERS):
+            raise ValueError(f"the cnn has {len(STAGE_MULTIPLIERS)} stages, so at most "
+                             f"{len(STAGE_MULTIPLIERS)} exits (budget levels); {cfg.num_exits} "
+                             "asked for (use model='vit')")
+        options = cfg.backbone or CNNOptions()
+        frontend, in_chans = build_frontend(cfg)
+        super().__init__(spec, cfg.num_exits, frontend)
+        num_classes, num_exits = cfg.num_classes, cfg.num_exits
+        self.in_chans, self.image_size = in_chans, cfg.image_size
+        widths = [scaled(options.width * m, spec.width) for m in STAGE_MULTIPLIERS[:num_exits]]
         c0 = widths[0]
         self.embed = nn.Sequential(
             nn.Conv2d(in_chans, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU(inplace=True)
@@ -80,7 +91,7 @@ class EarlyExitCNN(EarlyExitNet):
         for s in range(spec.depth):
             stride = 1 if s == 0 else 2
             layers = [BasicBlock(c_prev, widths[s], stride)]
-            layers += [BasicBlock(widths[s], widths[s], 1) for _ in range(blocks_per_stage - 1)]
+            layers += [BasicBlock(widths[s], widths[s], 1) for _ in range(options.blocks - 1)]
             self.blocks.append(nn.Sequential(*layers))
             self.exits.append(ConvExit(widths[s], num_classes, with_conv=s < num_exits - 1))
             c_prev = widths[s]
@@ -102,3 +113,8 @@ class EarlyExitCNN(EarlyExitNet):
             logits.append(out)
             feats.append(feat)
         return self.output(logits, feats)
+
+
+@register("cnn", options=CNNOptions)
+def build_cnn(cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitNet:
+    return EarlyExitCNN(spec, cfg)

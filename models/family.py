@@ -1,17 +1,16 @@
 """An EEN family: one global model and the submodel of every spec, with cached shapes."""
 from __future__ import annotations
 
-from functools import lru_cache
+import dataclasses
 import re
+from functools import lru_cache
 
-import numpy as np
 import torch
 
-import models.zoo  # noqa: F401  (registers the built-in backbones)
-import models.ree  # noqa: F401
 from models import registry
 from models.base import EarlyExitNet, SubmodelSpec, count_forward_flops
 from models.registry import ModelConfig
+from models.state import State, module_state
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _EXIT = re.compile(r"^exits\.(\d+)\.")
@@ -21,8 +20,14 @@ class EENFamily:
     """Builds submodels by spec and answers questions about their named tensors."""
 
     def __init__(self, name: str, cfg: ModelConfig) -> None:
+        family = registry.get(name)
+        if cfg.backbone is None:
+            cfg = dataclasses.replace(cfg, backbone=family.options())
+        elif not isinstance(cfg.backbone, family.options):
+            raise TypeError(f"model {name!r} takes {family.options.__name__}, "
+                            f"got {type(cfg.backbone).__name__}")
         self.name, self.cfg = name, cfg
-        self._builder = registry.get(name)
+        self._builder = family.builder
         self.global_spec = SubmodelSpec(cfg.num_exits, 1.0)
         self.exit_after = list(self._meta(self.global_spec).exit_after)
         self._shapes = lru_cache(maxsize=None)(self._compute_shapes)
@@ -46,9 +51,9 @@ class EENFamily:
         """Named tensor shapes a client of ``spec`` holds (the contract of its replies)."""
         return self._shapes(spec or self.global_spec)
 
-    def init_state(self, seed: int) -> dict[str, np.ndarray]:
+    def init_state(self, seed: int) -> State:
         torch.manual_seed(seed)
-        return {k: v.detach().cpu().numpy() for k, v in self.build().state_dict().items()}
+        return module_state(self.build())
 
     def segment_of(self, key: str) -> int:
         """1-based depth segment a tensor lives in: the first exit whose submodel needs it."""
@@ -60,7 +65,7 @@ class EENFamily:
         return 1
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        if self.cfg.modality == "audio":
+        if self.cfg.frontend == "logmel":  # one second of waveform
             return torch.zeros(batch, self.cfg.sample_rate)
         return torch.zeros(batch, self.cfg.in_chans, self.cfg.image_size, self.cfg.image_size)
 

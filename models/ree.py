@@ -1,4 +1,4 @@
-"""ReeFL's early-exit ViT (Lee et al., ICML'24; methods.md section 10): one shared exit, ``ree``.
+"""ReeFL's early-exit ViT (Lee et al., ICML'24; docs/methods/reffl.md): one shared exit, ``ree``.
 
 Instead of a classifier per exit, one recurrent exit module ("Ree") serves every depth. After
 every block l it reads the CLS tokens so far, ``[client_token; c_1..c_l]`` plus learned
@@ -11,7 +11,8 @@ depth segment 1, so every budget level holds it and element-wise averaging share
 clients, as in ReeFL. Sizes follow the authors' config (``reeFL.yaml``): 8 heads over an
 attention width of 16 in total (so 2 per head), MLP ratio 1.35. The layer reuses
 ``models.vit.Block``, whose attention scales by 1/sqrt(head dim); the authors' Ree scales by
-1/sqrt(attention width), a constant factor 1/2 on the logits that we do not copy.
+1/sqrt(attention width) = 1/4: their attention logits are sqrt(2)/4 (about 0.35) times ours,
+a constant factor that we do not copy.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from torch import Tensor, nn
 
 from models.base import EEOutput, SubmodelSpec
 from models.registry import ModelConfig, register
-from models.vit import Block, EarlyExitViT, TokenExit, _init_weights
-from models.zoo import build_vit_like
+from models.vit import Block, EarlyExitViT, TokenExit, ViTOptions, _init_weights
 
 REE_HEADS = 8
 REE_ATTN_DIM = 16
@@ -53,14 +53,11 @@ class Ree(nn.Module):
 class EarlyExitReeViT(EarlyExitViT):
     """The ViT of ``models.vit`` with its per-exit heads replaced by one shared Ree exit."""
 
-    def __init__(self, spec: SubmodelSpec, num_classes: int, in_chans: int = 3,
-                 image_size: int = 32, patch: int = 4, dim: int = 192, num_blocks: int = 12,
-                 heads: int = 3, mlp_ratio: float = 4.0, num_exits: int = 4,
-                 frontend: nn.Module | None = None) -> None:
-        super().__init__(spec, num_classes, in_chans, image_size, patch, dim, num_blocks, heads,
-                         mlp_ratio, num_exits, frontend)
+    def __init__(self, spec: SubmodelSpec, cfg: ModelConfig) -> None:
+        super().__init__(spec, cfg)
+        options = cfg.backbone or ViTOptions()
         del self.exits
-        self.ree = Ree(dim, num_classes, max_tokens=num_blocks)
+        self.ree = Ree(options.dim, cfg.num_classes, max_tokens=options.blocks)
 
     def forward_latent(self, z: Tensor) -> EEOutput:
         logits, feats = [], []
@@ -83,6 +80,6 @@ class EarlyExitReeViT(EarlyExitViT):
         return self.output(logits, feats)
 
 
-@register("vit-ree")
+@register("vit-ree", options=ViTOptions)
 def build_vit_ree(cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitReeViT:
-    return build_vit_like(EarlyExitReeViT, cfg, spec)
+    return EarlyExitReeViT(spec, cfg)

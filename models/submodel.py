@@ -10,7 +10,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-State = dict[str, np.ndarray]
+from models.state import State
 
 
 def leading_slice(shape: tuple[int, ...]) -> tuple[slice, ...]:

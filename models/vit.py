@@ -6,11 +6,33 @@ slice of each weight.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models.base import EarlyExitNet, EEOutput, SubmodelSpec, exit_blocks, scaled
+from models.frontends import build_frontend
+from models.options import OptionError, Options, option
+from models.registry import ModelConfig, register
+
+
+@dataclass(frozen=True)
+class ViTOptions(Options):
+    """The ViT's size (DeiT-tiny by default; blocks 4, dim 64, heads 2 trains on a CPU)."""
+
+    prefix = "vit"
+    blocks: int = option(12, lambda v: v >= 1, "must be >= 1")
+    dim: int = option(192, lambda v: v >= 1, "must be >= 1")
+    heads: int = option(3, lambda v: v >= 1, "must be >= 1")
+    patch: int = option(4, lambda v: v >= 1, "must be >= 1")
+    mlp_ratio: float = option(4.0, lambda v: v > 0, "must be > 0")
+
+    def check(self) -> None:
+        if self.dim % self.heads:
+            raise OptionError(self.key("dim"), self.dim,
+                              f"must be divisible by {self.key('heads')} = {self.heads}")
 
 
 class PatchEmbed(nn.Module):
@@ -81,30 +103,20 @@ class TokenExit(nn.Module):
 class EarlyExitViT(EarlyExitNet):
     """``spec.depth`` exits are kept, i.e. blocks up to the exit at that depth."""
 
-    def __init__(
-        self,
-        spec: SubmodelSpec,
-        num_classes: int,
-        in_chans: int = 3,
-        image_size: int = 32,
-        patch: int = 4,
-        dim: int = 192,
-        num_blocks: int = 12,
-        heads: int = 3,
-        mlp_ratio: float = 4.0,
-        num_exits: int = 4,
-        frontend: nn.Module | None = None,
-    ) -> None:
-        super().__init__(spec, num_exits, frontend)
+    def __init__(self, spec: SubmodelSpec, cfg: ModelConfig) -> None:
+        options = cfg.backbone or ViTOptions()
+        frontend, in_chans = build_frontend(cfg)
+        super().__init__(spec, cfg.num_exits, frontend)
+        dim, heads, num_classes = options.dim, options.heads, cfg.num_classes
         if dim % heads:
             raise ValueError(f"ViT dim {dim} is not divisible by its {heads} heads")
         self.dim = dim
-        self.embed = PatchEmbed(in_chans, image_size, patch, dim)
-        all_exits = exit_blocks(num_blocks, num_exits)
+        self.embed = PatchEmbed(in_chans, cfg.image_size, options.patch, dim)
+        all_exits = exit_blocks(options.blocks, cfg.num_exits)
         self.exit_after = all_exits[: spec.depth]
         head_dim = dim // heads
         h = scaled(heads, spec.width)
-        m = scaled(int(dim * mlp_ratio), spec.width)
+        m = scaled(int(dim * options.mlp_ratio), spec.width)
         self.blocks = nn.ModuleList(Block(dim, h, head_dim, m) for _ in range(self.exit_after[-1]))
         self.exits = nn.ModuleList(TokenExit(dim, num_classes) for _ in self.exit_after)
         self.apply(_init_weights)
@@ -127,6 +139,11 @@ class EarlyExitViT(EarlyExitNet):
                 feats.append(cls)
                 e += 1
         return self.output(logits, feats)
+
+
+@register("vit", options=ViTOptions)
+def build_vit(cfg: ModelConfig, spec: SubmodelSpec) -> EarlyExitNet:
+    return EarlyExitViT(spec, cfg)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -20,38 +20,35 @@ import tempfile
 import time
 from pathlib import Path
 
+from clients.een_client import PARAM_KEYS
+from fedeen.app_config import build_strategy, load_config
+from fedeen.budgets import level_for_partition
+from fedeen.client_app import _client
+from models.submodel import slice_state
 from simulations.flwr_local import flwr_run, stop_superlinks
 from simulations.run_grid import parse_value
+from strategies.base import ClientUpdate
 
 
 def plain_loop(overrides: dict, num_nodes: int, rounds: int) -> list[float]:
     """Seconds of local training per round, without Flower, for the same clients."""
-    import strategies
-    from clients.een_client import PARAM_KEYS
-    from fedeen.budgets import level_for_partition
-    from fedeen.client_app import _client
-    from fedeen.config import load_config
-    from models.submodel import slice_state
-
     cfg = load_config(overrides)
     clients = [_client(cfg, i, num_nodes) for i in range(num_nodes)]
-    strategy = strategies.get(cfg.strategy)(cfg, clients[0].family)
-    strategy.global_state = strategy.family.init_state(cfg.seed)
+    strategy = build_strategy(cfg, clients[0].family)
+    strategy.initialize(strategy.family.init_state(cfg.seed))
     per_round = []
     for rnd in range(1, rounds + 1):
-        from strategies.base import ClientUpdate
-
         updates, t_train = [], 0.0
         for pid, client in enumerate(clients):
             level = level_for_partition(pid, num_nodes, cfg.level_ratios)
             spec = strategy.level_spec(level)
             sub = slice_state(strategy.global_state, strategy.family.shapes(spec))
-            config = {**strategy.client_config(rnd, level), PARAM_KEYS: list(sub)}
+            config = {**strategy.instructions(rnd, level).to_config(), PARAM_KEYS: list(sub)}
             t0 = time.perf_counter()
             params, n, metrics = client.fit(list(sub.values()), config)
             t_train += time.perf_counter() - t0
             updates.append(ClientUpdate(pid, level, spec, dict(zip(sub, params)), n, metrics))
-        strategy.global_state = strategy.aggregate(rnd, updates)
+        strategy.aggregate_updates(rnd, updates)
         per_round.append(t_train)
     return per_round
 

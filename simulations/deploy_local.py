@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fedeen.budgets import level_for_partition
-from fedeen.config import load_config
+from fedeen.app_config import load_config
 from simulations.flwr_local import PROJECT, flwr_env, run_config_arg
 from simulations.run_grid import parse_value
 

@@ -16,17 +16,21 @@ CPU_VIT: dict[str, Any] = {
     "num-server-rounds": 20, "local-epochs": 2, "batch-size": 32,
 }
 
-# The baselines as the DarkDistill authors ran them (FL-EE; methods.md section 12.3):
+# The baselines as the DarkDistill authors ran them (FL-EE; see docs/methods/depthfl.md and
+# docs/methods/scalefl.md):
 # DepthFL with lambda = 1, T = 1 from the first round; ScaleFL with T = 1, gamma = 1, no delay.
 AS_IN_DARKDISTILL: dict[str, Any] = {
     "depthfl-rampup-rounds": 0, "scalefl-temperature": 1.0, "scalefl-gamma": 1.0,
     "scalefl-kd-start": 0.0,
 }
 
+# The local CIFAR-10 files: natural images, so random horizontal flips as for the hub's CIFAR-10.
+LOCAL_CIFAR10: dict[str, Any] = {"dataset": str(SHARED_DATA / "cifar10"), "augment-hflip": "true"}
+
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "cifar10-cpu-vit": {"dataset": str(SHARED_DATA / "cifar10"), **CPU_VIT, **AS_IN_DARKDISTILL},
-    "cifar10-cpu-cnn": {"dataset": str(SHARED_DATA / "cifar10"), "model": "cnn",
+    "cifar10-cpu-vit": {**LOCAL_CIFAR10, **CPU_VIT, **AS_IN_DARKDISTILL},
+    "cifar10-cpu-cnn": {**LOCAL_CIFAR10, "model": "cnn",
                         "cnn-width": 16, "max-samples-per-client": 400,
                         "max-test-samples": 2000, "num-server-rounds": 15,
                         **AS_IN_DARKDISTILL},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fedeen.app_config import load_config
 from simulations.experiments import experiment
 from simulations.flwr_local import flwr_run, stop_superlinks
 
@@ -39,8 +41,6 @@ def cell_key(c: dict[str, Any]) -> str:
 
 
 def settings_digest(overrides: dict[str, Any]) -> str:
-    import hashlib
-
     return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--timeout", type=float, default=3600)
     args = p.parse_args(argv)
-
-    from fedeen.config import load_config
 
     base = experiment(args.experiment)
     for item in args.set:

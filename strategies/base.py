@@ -1,32 +1,40 @@
-"""The heterogeneous-EEN strategy base: messaging, sampling, validation, aggregation, rounds.
+"""The heterogeneous-EEN strategy base: messaging, reply validation, aggregation, rounds.
 
-A concrete strategy overrides only what makes it different: which nodes take part
-(``eligible``), what each level receives (``level_spec``, ``arrays_for``), the client objective
-(``objective`` / ``client_config``), how replies become the global state (``aggregate``) and any
-server-side step after it (``server_step``). Everything is named by state-dict key.
+A concrete strategy overrides only what makes it different: its option group (``Options``),
+which nodes take part (``eligible``), what each level receives (``level_spec``,
+``arrays_for``), the client objective and its parameters (``objective`` / ``instructions``),
+how replies become a global state (``aggregate``) and any server-side step after it
+(``server_step``, which takes the aggregated state and returns the new one). The base owns
+every write to the global state. Everything is named by state-dict key. Node discovery and
+sampling live in ``strategies.nodes``.
 """
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedeen.config import RunConfig
+from fedeen.protocol import NUM_EXAMPLES, Instructions, from_record, to_record
+from fedeen.rounds import RoundObserver, RoundTimings
 from models.base import SubmodelSpec
 from models.family import EENFamily
-from models.submodel import State, reply_problems, scatter_mean, slice_state
+from models.options import Options
+from models.state import State
+from models.submodel import reply_problems, scatter_mean, slice_state
+from strategies.nodes import NodeDirectory
 
-QUERY_LEVEL = "budget-level"
-QUERY_KEY = "partition-id"
-NODE_WAIT_SECONDS = 600.0
+
+@dataclass(frozen=True)
+class NoOptions(Options):
+    """The option group of a strategy without options of its own."""
 
 
 @dataclass
@@ -42,30 +50,6 @@ class ClientUpdate:
     records: dict[str, State] = field(default_factory=dict)
 
 
-@dataclass
-class RoundTimings:
-    configure: float = 0.0
-    clients: float = 0.0
-    aggregate: float = 0.0
-    server_step: float = 0.0
-    federated_eval: float = 0.0
-    central_eval: float = 0.0
-    total: float = 0.0
-    client_train_max: float = 0.0
-    client_train_sum: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in self.__dict__.items()}
-
-
-class RoundObserver:
-    """Receives one call per round (results writer, progress log); no-op by default."""
-
-    def round_done(self, server_round: int, central: dict | None, train: dict, evaluate: dict,
-                   timings: RoundTimings, strategy: "HeteroEENStrategy") -> None:
-        pass
-
-
 def relative_change(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> float:
     """||after - before|| / ||before|| over the float tensors of ``before``: how far a round
     (or a server-side step) moved a model, comparable across strategies."""
@@ -75,38 +59,42 @@ def relative_change(before: Mapping[str, np.ndarray], after: Mapping[str, np.nda
     return float(np.sqrt(diff / norm)) if norm > 0 else 0.0
 
 
-def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state.items()})
-
-
-def from_record(record: ArrayRecord) -> State:
-    return {k: a.numpy() for k, a in record.items()}
-
-
 class HeteroEENStrategy(Strategy):
     """Base of every fedeen strategy: element-wise averaging of depth-scaled submodels."""
 
     name: ClassVar[str] = "base"
     objective: ClassVar[str] = "sum_ce"
+    #: the strategy's option group (keys ``<prefix>-<field>``); read as ``self.options``
+    Options: ClassVar[type[Options]] = NoOptions
 
     def __init__(self, cfg: RunConfig, family: EENFamily) -> None:
         self.cfg, self.family = cfg, family
-        self.global_state: State = {}
-        self.node_levels: dict[int, int] = {}
-        # stable per-node keys (partition ids): Flower's node ids are random in every run, so
-        # sampling and reply order are keyed by these to make runs reproducible from the seed
-        self.node_keys: dict[int, int] = {}
-        self.rng = random.Random(cfg.seed)
+        self.options = cfg.options_of(type(self).Options)
+        self._global_state: State = {}
+        self.nodes = NodeDirectory(cfg.seed, cfg.num_levels)
         self.rejected: dict[int, list[str]] = {}
         self._sent: dict[int, int] = {}
         self._last_record: ArrayRecord | None = None
         self._step_seconds = 0.0
         self._last_train_updates: list[ClientUpdate] = []
 
+    # ------------------------------------------------------------------ the global state
+    @property
+    def global_state(self) -> State:
+        """The global EEN (read-only for subclasses: ``aggregate`` and ``server_step`` return
+        new states and the base installs them)."""
+        return self._global_state
+
+    def initialize(self, state: Mapping[str, np.ndarray]) -> None:
+        """Start from ``state`` (a fresh model or a checkpoint's)."""
+        self._global_state = dict(state)
+        self._last_record = None
+
     # ------------------------------------------------------------------ hooks
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        """Reject run configs the method cannot run (raise ConfigError); none by default."""
+        """Reject run configs the method cannot run (raise ConfigError); none by default.
+        Ranges of the strategy's own options are checked by its option group."""
 
     @classmethod
     def family_name(cls, cfg: RunConfig) -> str:
@@ -123,25 +111,23 @@ class HeteroEENStrategy(Strategy):
     def arrays_for(self, node_id: int, level: int) -> State:
         return slice_state(self.global_state, self.family.shapes(self.level_spec(level)))
 
-    def client_config(self, server_round: int, level: int) -> dict[str, Any]:
+    def instructions(self, server_round: int, level: int) -> Instructions:
+        """What a level-``level`` client is told this round (spec, objective, learning rate)."""
         spec = self.level_spec(level)
-        return {
-            "server-round": server_round,
-            "num-rounds": self.cfg.num_server_rounds,
-            "level": level,
-            "depth": spec.depth,
-            "width": spec.width,
-            "objective": self.objective,
-            "lr": self.cfg.lr * self.cfg.lr_decay ** (server_round - 1),
-        }
+        return Instructions(
+            server_round=server_round, num_rounds=self.cfg.num_server_rounds, level=level,
+            depth=spec.depth, width=spec.width, objective=self.objective,
+            lr=self.cfg.lr * self.cfg.lr_decay ** (server_round - 1))
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
         """Every element averaged over the replies that hold it, weighted by examples."""
         return scatter_mean(self.global_state, ((u.state, u.num_examples) for u in updates))
 
-    def server_step(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        """Server-side work after aggregation (distillation, ...); returns metrics to log."""
-        return {}
+    def server_step(self, server_round: int, state: State, updates: list[ClientUpdate]
+                    ) -> tuple[State, dict[str, float]]:
+        """Server-side work after aggregation (distillation, ...): takes the aggregated state,
+        returns the new global state and metrics to log. Identity by default."""
+        return state, {}
 
     def exit_states(self) -> dict[int, State]:
         """Exits to evaluate on another model than the global one: {exit (1-based): state of
@@ -158,83 +144,31 @@ class HeteroEENStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state beyond the global model, for checkpoints."""
-        return {"node_levels": dict(self.node_levels), "node_keys": dict(self.node_keys),
-                "rng": self.rng.getstate()}
+        return self.nodes.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.node_levels = dict(state["node_levels"])
-        self.node_keys = dict(state.get("node_keys", {}))
-        self.rng.setstate(state["rng"])
+        self.nodes.load_state_dict(state)
 
-    # ------------------------------------------------------------------ nodes and levels
-    def discover_levels(self, grid: Grid, node_ids: Iterable[int], timeout: float) -> None:
-        """Ask each node whose level we do not know yet, once; cache the answers."""
-        unknown = [n for n in node_ids if n not in self.node_levels]
-        if not unknown:
-            return
-        msgs = [Message(RecordDict({"config": ConfigRecord({"query": QUERY_LEVEL})}),
-                        message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(logging.WARNING, "node %s did not report its budget level: %s", node,
-                    reply.error.reason)
-                continue
-            level = int(reply.content["metrics"][QUERY_LEVEL])
-            if not 1 <= level <= self.cfg.num_levels:
-                log(logging.WARNING, "node %s reported budget level %s outside 1..%s; ignored",
-                    node, level, self.cfg.num_levels)
-                continue
-            self.node_levels[node] = level
-            key = int(reply.content["metrics"].get(QUERY_KEY, -1))
-            self.node_keys[node] = key if key >= 0 else node
-
-    def node_key(self, node: int) -> int:
-        return self.node_keys.get(node, node)
-
-    def wait_for_nodes(self, grid: Grid, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.cfg.min_nodes:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} node(s) connected after {timeout:.0f}s but min-nodes = "
-                    f"{self.cfg.min_nodes}; start more SuperNodes (num-supernodes in simulation) "
-                    "or lower min-nodes")
-            log(logging.INFO, "waiting for nodes: %d connected, %d required", len(nodes),
-                self.cfg.min_nodes)
-            time.sleep(1)
-        return nodes
-
+    # ------------------------------------------------------------------ nodes
     def sample(self, nodes: list[int], fraction: float) -> list[int]:
-        """Sample among eligible nodes, redrawing (as the authors' sampler) until every
-        eligible level present in the population is represented, when the sample allows it."""
-        pool = sorted((n for n in nodes if n in self.node_levels
-                       and self.eligible(self.node_levels[n])), key=self.node_key)
-        if not pool:
-            return []
-        size = max(1, int(round(fraction * len(pool))))
-        levels = {self.node_levels[n] for n in pool}
-        chosen = self.rng.sample(pool, size)
-        for _ in range(100):
-            if size < len(levels) or {self.node_levels[n] for n in chosen} == levels:
-                break
-            chosen = self.rng.sample(pool, size)
-        return sorted(chosen, key=self.node_key)
+        """This round's nodes among ``nodes`` (see ``NodeDirectory.sample``)."""
+        return self.nodes.sample(nodes, fraction, self.eligible)
 
     # ------------------------------------------------------------------ Flower API
     def _sync_global(self, arrays: ArrayRecord) -> None:
         if arrays is not self._last_record:
-            self.global_state = from_record(arrays)
+            self._global_state = from_record(arrays)
             self._last_record = arrays
 
     def _messages(self, grid: Grid, server_round: int, fraction: float, config: ConfigRecord,
                   message_type: str) -> list[Message]:
-        nodes = self.wait_for_nodes(grid)
-        self.discover_levels(grid, nodes, timeout=600)
+        nodes = self.nodes.wait_for(grid, self.cfg.min_nodes)
+        self.nodes.discover(grid, nodes, timeout=600)
         msgs = []
         for node in self.sample(nodes, fraction):
-            level = self.node_levels[node]
-            cfg = ConfigRecord({**dict(config), **self.client_config(server_round, level)})
+            level = self.nodes.levels[node]
+            cfg = ConfigRecord({**dict(config),
+                                **self.instructions(server_round, level).to_config()})
             content = RecordDict({"arrays": to_record(self.arrays_for(node, level)), "config": cfg})
             msgs.append(Message(content=content, message_type=message_type, dst_node_id=node))
             self._sent[node] = level
@@ -265,9 +199,9 @@ class HeteroEENStrategy(Strategy):
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
             return "reply lacks its 'arrays' or 'metrics' record"
         metrics = dict(content["metrics"])
-        n = metrics.get("num-examples")
+        n = metrics.get(NUM_EXAMPLES)
         if not isinstance(n, (int, float)) or n <= 0:
-            return f"num-examples must be a positive number, got {n!r}"
+            return f"{NUM_EXAMPLES} must be a positive number, got {n!r}"
         level = self._sent[node]
         spec = self.level_spec(level)
         state = from_record(content["arrays"])
@@ -291,7 +225,18 @@ class HeteroEENStrategy(Strategy):
             else:
                 updates.append(result)
         # arrival order varies between runs; the server's float sums and draws must not
-        return sorted(updates, key=lambda u: (u.level, self.node_key(u.node_id)))
+        return sorted(updates, key=lambda u: (u.level, self.nodes.key(u.node_id)))
+
+    def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """Aggregate validated updates, run the server step and install the new global state
+        (the one place it is written during a run); returns the server-side metrics."""
+        before = self.global_state
+        aggregated = self.aggregate(server_round, updates)
+        t0 = time.perf_counter()
+        new_state, metrics = self.server_step(server_round, aggregated, updates)
+        self._step_seconds = time.perf_counter() - t0
+        self._global_state = new_state
+        return {**metrics, "global-rel-change": relative_change(before, new_state)}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -302,16 +247,11 @@ class HeteroEENStrategy(Strategy):
                                    "clients-failed": len(replies) - len(updates)}
         if not updates:
             return None, MetricRecord(metrics)
-        before = self.global_state
-        self.global_state = self.aggregate(server_round, updates)
-        t0 = time.perf_counter()
-        metrics.update(self.server_step(server_round, updates))
-        self._step_seconds = time.perf_counter() - t0
-        metrics["global-rel-change"] = relative_change(before, self.global_state)
+        metrics.update(self.aggregate_updates(server_round, updates))
         total = sum(u.num_examples for u in updates)
         metrics["train-loss"] = sum(float(u.metrics.get("train-loss", 0.0)) * u.num_examples
                                     for u in updates) / total
-        metrics["num-examples"] = total
+        metrics[NUM_EXAMPLES] = total
         record = to_record(self.global_state)
         self._last_record = record
         return record, MetricRecord(metrics)
@@ -325,9 +265,9 @@ class HeteroEENStrategy(Strategy):
             if msg.has_error() or "metrics" not in msg.content.metric_records:
                 continue
             m = dict(msg.content["metrics"])
-            n = float(m.get("num-examples", 0))
+            n = float(m.get(NUM_EXAMPLES, 0))
             for k, v in m.items():
-                if k != "num-examples" and isinstance(v, (int, float)):
+                if k != NUM_EXAMPLES and isinstance(v, (int, float)):
                     sums[k] = sums.get(k, 0.0) + n * float(v)
                     weights[k] = weights.get(k, 0.0) + n
         if not sums:

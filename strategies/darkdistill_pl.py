@@ -1,5 +1,5 @@
 """DarkDistill-PL (KDD 2025, the "parallel" variant; authors' code name ``darkflpa2``),
-methods.md section 3.
+docs/methods/darkdistill-pl.md.
 
 - Clients receive slices of the global EEN (as every per-segment method) and upload their
   models plus per-sample labels (the generic ``record-difficulty`` record; only its labels
@@ -34,32 +34,37 @@ persistent generator Adam states, seeded server randomness):
 from __future__ import annotations
 
 import functools
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from fedeen.config import ConfigError, RunConfig, register_options
+from fedeen.config import RunConfig
 from models.base import EarlyExitNet, EEOutput
 from models.family import EENFamily
 from models.generator import diversity_loss
-from models.submodel import State
+from models.options import Options, group, option
+from models.state import State, module_state
 from strategies.base import ClientUpdate
-from strategies.darkdistill import (GeneratorKDStrategy, Means, check_positive, clip_grads,
-                                    level_fedavg, to_numpy, to_torch)
+from strategies.generator_kd import (GeneratorKDOptions, GeneratorKDStrategy, Means, clip_grads,
+                                     level_fedavg, server_model)
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
 
-OPTIONS: dict[str, Any] = {
-    "darkdistill-pl-server-epochs": 2,
-    "darkdistill-pl-batch-size": 16,        # bs / 2
-    "darkdistill-pl-server-lr-decay": 0.99,  # s_gamma of the PL scripts
-    "darkdistill-pl-increase": True,        # false = "w/o increasing difficulty" ablation
-    "darkdistill-pl-gap-weight": 1.0,       # g_gap
-}
-register_options(OPTIONS)
+
+@dataclass(frozen=True)
+class DarkDistillPLOptions(Options):
+    """DarkDistill-PL's keys (``darkdistill-pl-*``) and the shared ``darkdistill-*`` ones."""
+
+    prefix = "darkdistill-pl"
+    shared: GeneratorKDOptions = group(GeneratorKDOptions)
+    server_epochs: int = option(2, lambda v: v >= 1, "must be >= 1")
+    batch_size: int = option(16, lambda v: v >= 2, "must be >= 2")  # bs / 2 of the scripts
+    server_lr_decay: float = option(0.99, lambda v: v > 0, "must be > 0")  # s_gamma
+    increase: bool = option(True)  # false = the "w/o increasing difficulty" ablation
+    gap_weight: float = option(1.0, lambda v: v >= 0, "must be >= 0")  # g_gap
 
 
 def exit_ce(out: EEOutput, y: Tensor) -> Tensor:
@@ -90,19 +95,13 @@ def adjacent_kd_loss(student_feats: dict[int, list[Tensor]], teacher_feats: dict
 class DarkDistillPL(GeneratorKDStrategy):
     """Per-segment averaging, then exit-wise parallel distillation from level ensembles."""
 
+    Options = DarkDistillPLOptions
+
     def __init__(self, cfg: RunConfig, family: EENFamily) -> None:
         super().__init__(cfg, family)
         self.teachers: dict[int, State] = {}
         for j in range(1, family.num_exits + 1):
             self.add_generator(j, difficulty_input=False)
-
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        cls.check_common(cfg)
-        check_positive(cfg, ["darkdistill-pl-server-epochs", "darkdistill-pl-batch-size"],
-                       ["darkdistill-pl-server-lr-decay"])
-        if float(cfg.opt("darkdistill-pl-gap-weight")) < 0:
-            raise ConfigError("run-config darkdistill-pl-gap-weight must be >= 0")
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
         self.record_uploads(updates)
@@ -112,36 +111,38 @@ class DarkDistillPL(GeneratorKDStrategy):
             self.teachers[k] = level_fedavg(level[0].state, level)
         return super().aggregate(server_round, updates)
 
-    def server_step(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:
+    def server_step(self, server_round: int, state: State, updates: list[ClientUpdate]
+                    ) -> tuple[State, dict[str, float]]:
+        """Exit generators and parallel KD into the aggregated global EEN."""
         owners = {j: [k for k in self.teachers if k >= j and k in self.conditions]
                   for j in range(1, self.family.num_exits + 1)}
         owners = {j: ks for j, ks in owners.items() if ks}
         if not owners:
-            return {}
+            return state, {}
         dev, rng = self.device, self.round_rng(server_round)
-        scale = float(self.opt("pl-server-lr-decay")) ** (server_round - 1)
+        scale = self.options.server_lr_decay ** (server_round - 1)
         self.set_gen_lr(scale)
-        models = {k: to_torch(self.family, self.level_spec(k), s, dev) for k, s in self.teachers.items()}
+        models = {k: server_model(self.family, self.level_spec(k), s, dev)
+                  for k, s in self.teachers.items()}
         for m in models.values():
             m.requires_grad_(False)
-        student = to_torch(self.family, self.family.global_spec, self.global_state, dev)
+        student = server_model(self.family, self.family.global_spec, state, dev)
         sgd = self.kd_sgd(student.parameters(), scale)
         weights = {j: [self.level_examples[k] / sum(self.level_examples[i] for i in ks) for k in ks]
                    for j, ks in owners.items()}
         labels = {j: np.concatenate([self.conditions[k]["labels"] for k in ks])
                   for j, ks in owners.items()}
-        bs = int(self.opt("pl-batch-size"))
+        bs = self.options.batch_size
         ensemble = functools.partial(self.ensemble, models, owners, weights)
         stats = Means()
-        for _epoch in range(int(self.opt("pl-server-epochs"))):
+        for _epoch in range(self.options.server_epochs):
             y = {j: torch.from_numpy(labels[j][torch.randint(0, len(labels[j]), (bs,),
                                                              generator=rng).numpy()]).to(dev)
                  for j in owners}
-            for _ in range(int(self.opt("gen-iters"))):
+            for _ in range(self.shared.gen_iters):
                 stats.add(self.generator_step(owners, y, ensemble, student, rng))
             stats.add(self.kd_steps(owners, y, ensemble, student, sgd, rng))
-        self.global_state = to_numpy(student)
-        return stats.result()
+        return module_state(student), stats.result()
 
     @staticmethod
     def ensemble(models: dict[int, EarlyExitNet], owners: dict[int, list[int]],
@@ -172,10 +173,10 @@ class DarkDistillPL(GeneratorKDStrategy):
             ce.append(F.cross_entropy(ensemble(j, xs[j])[0], y[j]))
             div.append(diversity_loss(eps, xs[j]))
         _, deltas = self._deltas(student, xs, y)
-        gaps = increase_gaps(deltas) if self.opt("pl-increase") else []
+        gaps = increase_gaps(deltas) if self.options.increase else []
         gap = torch.stack(gaps).sum() if gaps else torch.zeros((), device=self.device)
         loss = torch.stack(ce).sum() + torch.stack(div).sum() \
-            - float(self.opt("pl-gap-weight")) * gap
+            - self.options.gap_weight * gap
         for j in owners:
             self.gen_opts[j].zero_grad(set_to_none=True)
         loss.backward(inputs=[p for g in gens for p in g.parameters()])
@@ -189,7 +190,8 @@ class DarkDistillPL(GeneratorKDStrategy):
     def kd_steps(self, owners: dict[int, list[int]], y: dict[int, Tensor], ensemble,
                  student: EarlyExitNet, sgd: torch.optim.SGD, rng: torch.Generator
                  ) -> dict[str, float]:
-        """``darkdistill-kd-iters`` SGD steps of the global model on fixed generated batches."""
+        """``darkdistill-kd-iters`` (``shared.kd_iters``) SGD steps of the global model on fixed
+        generated batches."""
         with torch.no_grad():
             xs = {}
             for j in owners:
@@ -197,17 +199,17 @@ class DarkDistillPL(GeneratorKDStrategy):
                 xs[j] = g(y[j], g.noise(len(y[j]), rng, self.device))
             t_feats = {j - 1: ensemble(j, xs[j])[1] for j in owners}
         m = self.family.num_exits
-        ratios = float(self.opt("kd-dist-ratio")), float(self.opt("kd-angle-ratio"))
+        ratios = self.shared.kd_dist_ratio, self.shared.kd_angle_ratio
         stats = Means()
-        for _ in range(int(self.opt("kd-iters"))):
+        for _ in range(self.shared.kd_iters):
             outs, deltas = self._deltas(student, xs, y)
             kd = adjacent_kd_loss({j - 1: o.features for j, o in outs.items()}, t_feats, m, *ratios)
-            gaps = increase_gaps(deltas) if self.opt("pl-increase") else []
+            gaps = increase_gaps(deltas) if self.options.increase else []
             gap = torch.stack([g.abs() for g in gaps]).sum() if gaps else kd * 0.0
-            loss = kd + float(self.opt("pl-gap-weight")) * gap
+            loss = kd + self.options.gap_weight * gap
             sgd.zero_grad(set_to_none=True)
             loss.backward()
-            clip_grads(sgd, float(self.opt("kd-max-grad-norm")))
+            clip_grads(sgd, self.shared.kd_max_grad_norm)
             sgd.step()
             stats.add({"kd-loss": loss.item(), "kd-rkd": kd.item(), "kd-gap": gap.item()})
         return stats.result()

@@ -1,4 +1,4 @@
-"""DepthFL (Kim et al., ICLR'23; methods.md section 6): depth scaling with mutual
+"""DepthFL (Kim et al., ICLR'23; docs/methods/depthfl.md): depth scaling with mutual
 self-distillation among the local exits, optionally FedDyn.
 
 Clients train the ``depthfl`` objective: every local exit's CE plus, with the sigmoid ramp-up
@@ -21,22 +21,28 @@ logits), reported by ``extra_central_metrics``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from fedeen.config import ConfigError, RunConfig, register_options
-from models.submodel import ElementwiseMean, State
+from fedeen.config import RunConfig
+from fedeen.protocol import Instructions
+from models.options import Options, option
+from models.state import State
+from models.submodel import ElementwiseMean
 from strategies.base import ClientUpdate, HeteroEENStrategy
 from strategies.registry import register
 
-register_options({
-    "depthfl-temperature": 1.0,
-    "depthfl-rampup-rounds": 300,
-    "depthfl-feddyn": False,
-    "depthfl-feddyn-alpha": 0.1,
-})
+
+@dataclass(frozen=True)
+class DepthFLOptions(Options):
+    prefix = "depthfl"
+    temperature: float = option(1.0, lambda v: v > 0, "must be > 0")
+    rampup_rounds: int = option(300, lambda v: v >= 0, "must be >= 0 (0 = no ramp-up)")
+    feddyn: bool = option(False)
+    feddyn_alpha: float = option(0.1, lambda v: v > 0, "must be > 0")
 
 
 def ensemble_accuracy(logits: Sequence[torch.Tensor], y: torch.Tensor) -> float:
@@ -65,6 +71,7 @@ def feddyn_server_update(h: State, old: Mapping[str, np.ndarray], mean: Mapping[
 @register("depthfl")
 class DepthFL(HeteroEENStrategy):
     objective = "depthfl"
+    Options = DepthFLOptions
 
     def __init__(self, cfg: RunConfig, family) -> None:
         super().__init__(cfg, family)
@@ -72,32 +79,22 @@ class DepthFL(HeteroEENStrategy):
         with torch.device("meta"):
             self.param_keys = {n for n, _ in family.build().named_parameters()}
 
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        if cfg.opt("depthfl-temperature") <= 0:
-            raise ConfigError("depthfl-temperature must be > 0")
-        if cfg.opt("depthfl-rampup-rounds") < 0:
-            raise ConfigError("depthfl-rampup-rounds must be >= 0 (0 = no ramp-up)")
-        if cfg.opt("depthfl-feddyn") and cfg.opt("depthfl-feddyn-alpha") <= 0:
-            raise ConfigError("depthfl-feddyn-alpha must be > 0")
-
-    def client_config(self, server_round: int, level: int) -> dict[str, Any]:
-        alpha = float(self.cfg.opt("depthfl-feddyn-alpha")) if self.cfg.opt("depthfl-feddyn") else 0.0
-        return {**super().client_config(server_round, level),
-                "kd-temperature": float(self.cfg.opt("depthfl-temperature")),
-                "kd-rampup-rounds": int(self.cfg.opt("depthfl-rampup-rounds")),
-                "feddyn-alpha": alpha}
+    def instructions(self, server_round: int, level: int) -> Instructions:
+        alpha = self.options.feddyn_alpha if self.options.feddyn else 0.0
+        return super().instructions(server_round, level).replace(
+            kd_temperature=self.options.temperature,
+            kd_rampup_rounds=self.options.rampup_rounds, feddyn_alpha=alpha)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
         mean = super().aggregate(server_round, updates)
-        if not self.cfg.opt("depthfl-feddyn"):
+        if not self.options.feddyn:
             return mean
         holders = ElementwiseMean(self.global_state)
         for u in updates:
             holders.add(u.state, 1.0)
         return feddyn_server_update(self.h, self.global_state, mean, holders.weight,
-                                    self.param_keys, float(self.cfg.opt("depthfl-feddyn-alpha")),
-                                    max(len(self.node_levels), 1))
+                                    self.param_keys, self.options.feddyn_alpha,
+                                    max(len(self.nodes.levels), 1))
 
     def extra_central_metrics(self, logits: Sequence[torch.Tensor], y: torch.Tensor
                               ) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""EEFL: plain early-exit FedAvg over depth-scaled submodels (methods.md section 5).
+"""EEFL: plain early-exit FedAvg over depth-scaled submodels (docs/methods/eefl.md).
 
 Every client trains all of its exits with the sum of cross-entropies; the server averages
 each tensor over the clients that hold it, weighted by examples. It is exactly the base.

@@ -1,4 +1,4 @@
-"""ExclusiveFL (methods.md section 4): only clients that can hold the full EEN take part.
+"""ExclusiveFL (docs/methods/exclusivefl.md): only clients that can hold the full EEN take part.
 
 Level-K clients train every exit with the sum of cross-entropies; the server is plain FedAvg
 among them (the base's element-wise mean over full models). As in the authors' code, a round
@@ -20,8 +20,8 @@ class ExclusiveFL(HeteroEENStrategy):
 
     def sample(self, nodes: list[int], fraction: float) -> list[int]:
         """The same number of clients per round as the other methods, drawn among level K."""
-        known = [n for n in nodes if n in self.node_levels]
-        pool = [n for n in known if self.eligible(self.node_levels[n])]
+        known = [n for n in nodes if n in self.nodes.levels]
+        pool = [n for n in known if self.eligible(self.nodes.levels[n])]
         if pool:
             fraction = min(1.0, fraction * len(known) / len(pool))
         return super().sample(nodes, fraction)

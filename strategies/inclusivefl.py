@@ -1,4 +1,4 @@
-"""InclusiveFL (Liu et al., KDD'22, "No One Left Behind"; methods.md section 8).
+"""InclusiveFL (Liu et al., KDD'22, "No One Left Behind"; docs/methods/inclusivefl.md).
 
 Depth scaling; clients train only their deepest exit (``last_exit_ce``). The server, as the
 ReeFL authors' re-implementation:
@@ -40,25 +40,36 @@ which no client trains it with.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from fedeen.config import ConfigError, RunConfig, register_options
-from models.submodel import ElementwiseMean, State, scatter_mean, slice_state
+from fedeen.config import RunConfig
+from models.options import Options, option
+from models.state import State
+from models.submodel import ElementwiseMean, scatter_mean, slice_state
 from strategies.base import ClientUpdate, HeteroEENStrategy
 from strategies.registry import register
 
-register_options({"inclusivefl-beta": 0.2, "inclusivefl-server-opt": "sgd"})
+SERVER_OPTIMIZERS = ("sgd", "adam")
 
-SERVER_OPTS = ("sgd", "adam")
+
+@dataclass(frozen=True)
+class InclusiveFLOptions(Options):
+    prefix = "inclusivefl"
+    beta: float = option(0.2, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    server_opt: str = option("sgd", choices=SERVER_OPTIMIZERS)
+
+
 ADAM_BETA1, ADAM_BETA2, ADAM_TAU, ADAM_ETA = 0.9, 0.999, 1e-6, 1e-3
 
 
 @register("inclusivefl")
 class InclusiveFL(HeteroEENStrategy):
     objective = "last_exit_ce"
+    Options = InclusiveFLOptions
 
     def __init__(self, cfg: RunConfig, family) -> None:
         super().__init__(cfg, family)
@@ -67,14 +78,6 @@ class InclusiveFL(HeteroEENStrategy):
         self.adam_v: dict[int, State] = {}
         with torch.device("meta"):
             self.param_keys = {n for n, _ in family.build().named_parameters()}
-
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        if not 0 <= cfg.opt("inclusivefl-beta") <= 1:
-            raise ConfigError(f"inclusivefl-beta must be in [0, 1], got {cfg.opt('inclusivefl-beta')}")
-        if cfg.opt("inclusivefl-server-opt") not in SERVER_OPTS:
-            raise ConfigError(f"unknown inclusivefl-server-opt {cfg.opt('inclusivefl-server-opt')!r}; "
-                              f"valid: {', '.join(SERVER_OPTS)}")
 
     # ------------------------------------------------------------------ who holds what
     def top_prefix(self, level: int) -> str:
@@ -129,7 +132,7 @@ class InclusiveFL(HeteroEENStrategy):
 
     def server_opt(self, level: int, old: State, delta: Mapping[str, np.ndarray]) -> State:
         """New parameters of ``level`` from its pseudo-gradient (SGD step 1, or FedAdam)."""
-        if self.cfg.opt("inclusivefl-server-opt") == "sgd":
+        if self.options.server_opt == "sgd":
             return {k: (old[k] - d).astype(old[k].dtype) for k, d in delta.items()}
         m, v = self.adam_m.setdefault(level, {}), self.adam_v.setdefault(level, {})
         new = {}
@@ -143,7 +146,7 @@ class InclusiveFL(HeteroEENStrategy):
         groups: dict[int, list[ClientUpdate]] = defaultdict(list)
         for u in updates:
             groups[u.level].append(u)
-        beta = float(self.cfg.opt("inclusivefl-beta"))
+        beta = self.options.beta
         deltas: dict[int, dict[str, np.ndarray]] = {}
         shared = ElementwiseMean(self.global_state)
         for level in sorted(groups, reverse=True):

@@ -1,4 +1,4 @@
-"""ScaleFL (Ilhan et al., CVPR'23; methods.md section 7): depth and width scaling.
+"""ScaleFL (Ilhan et al., CVPR'23; docs/methods/scalefl.md): depth and width scaling.
 
 Level k holds the first k exits at width ratio r_k (``scalefl-widths``, default the ReeFL /
 BERT setting 0.4,0.55,0.75,1.0): every tensor is the leading slice of the global one (CNN
@@ -14,19 +14,24 @@ Deviation: exits stay where the family puts them for every method (e.g. after bl
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from fedeen.config import ConfigError, RunConfig, register_options
+from fedeen.config import ConfigError, RunConfig
+from fedeen.protocol import Instructions
 from models.base import SubmodelSpec
+from models.options import Options, option
 from strategies.base import HeteroEENStrategy
 from strategies.registry import register
 
-register_options({
-    "scalefl-widths": "0.4,0.55,0.75,1.0",
-    "scalefl-temperature": 3.0,
-    "scalefl-gamma": 0.05,
-    "scalefl-kd-start": 0.25,
-})
+
+@dataclass(frozen=True)
+class ScaleFLOptions(Options):
+    prefix = "scalefl"
+    widths: str = option("0.4,0.55,0.75,1.0")  # one width ratio per budget level
+    temperature: float = option(3.0, lambda v: v > 0, "must be > 0")
+    gamma: float = option(0.05, lambda v: v >= 0, "must be >= 0")
+    kd_start: float = option(0.25, lambda v: 0 <= v <= 1,
+                             "must be a fraction of the rounds in [0, 1]")
 
 
 def parse_widths(text: str, num_levels: int) -> tuple[float, ...]:
@@ -49,23 +54,18 @@ def parse_widths(text: str, num_levels: int) -> tuple[float, ...]:
 @register("scalefl")
 class ScaleFL(HeteroEENStrategy):
     objective = "scalefl"
+    Options = ScaleFLOptions
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
-        parse_widths(cfg.opt("scalefl-widths"), cfg.num_levels)
-        if cfg.opt("scalefl-temperature") <= 0:
-            raise ConfigError("scalefl-temperature must be > 0")
-        if cfg.opt("scalefl-gamma") < 0:
-            raise ConfigError("scalefl-gamma must be >= 0")
-        if not 0 <= cfg.opt("scalefl-kd-start") <= 1:
-            raise ConfigError("scalefl-kd-start must be a fraction of the rounds in [0, 1]")
+        parse_widths(cfg.options_of(ScaleFLOptions).widths, cfg.num_levels)
 
     def level_spec(self, level: int) -> SubmodelSpec:
-        widths = parse_widths(self.cfg.opt("scalefl-widths"), self.cfg.num_levels)
+        widths = parse_widths(self.options.widths, self.cfg.num_levels)
         return SubmodelSpec(level, widths[level - 1])
 
-    def client_config(self, server_round: int, level: int) -> dict[str, Any]:
-        kd_on = server_round > self.cfg.opt("scalefl-kd-start") * self.cfg.num_server_rounds
-        return {**super().client_config(server_round, level),
-                "kd-gamma": float(self.cfg.opt("scalefl-gamma")) if kd_on else 0.0,
-                "kd-temperature": float(self.cfg.opt("scalefl-temperature"))}
+    def instructions(self, server_round: int, level: int) -> Instructions:
+        kd_on = server_round > self.options.kd_start * self.cfg.num_server_rounds
+        return super().instructions(server_round, level).replace(
+            kd_gamma=self.options.gamma if kd_on else 0.0,
+            kd_temperature=self.options.temperature)

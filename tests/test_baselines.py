@@ -8,27 +8,20 @@ import torch
 from flwr.app import ConfigRecord
 from torch.nn import functional as F
 
-import strategies
 from clients import losses
 from clients.losses import ObjectiveContext
-from fakes import InProcessGrid
-from fedeen.config import ConfigError, load_config
-from fedeen.data import source_for
-from fedeen.runtime import family_for
+from inprocess import InProcessGrid, instructions, make_strategy
+from fedeen.app_config import load_config
+from fedeen.config import ConfigError
 from fedeen.server_app import run
 from models.base import EEOutput
-from strategies.base import ClientUpdate, to_record
+from fedeen.protocol import to_record
+from strategies.base import ClientUpdate
 from strategies.depthfl import ensemble_accuracy, feddyn_server_update
 
 TINY_VIT = {"model": "vit", "vit-blocks": 4, "vit-dim": 32, "vit-heads": 2, "image-size": 16,
             "vit-patch": 4}
 
-
-def make_strategy(rc):
-    cfg = load_config(rc)
-    strategy = strategies.get(cfg.strategy)(cfg, family_for(cfg, source_for(cfg).info))
-    strategy.global_state = strategy.family.init_state(cfg.seed)
-    return strategy
 
 
 def const_state(strategy, level, value, **per_prefix):
@@ -47,7 +40,7 @@ def update(strategy, level, state, n):
 
 
 def zero_global(strategy):
-    strategy.global_state = {k: np.zeros_like(v) for k, v in strategy.global_state.items()}
+    strategy.initialize({k: np.zeros_like(v) for k, v in strategy.global_state.items()})
 
 
 # ---------------------------------------------------------------------- ExclusiveFL
@@ -58,7 +51,7 @@ def test_exclusivefl_sends_only_to_full_model_nodes(out_dir):
     msgs = list(strategy.configure_train(1, to_record(strategy.global_state), ConfigRecord(), grid))
     # as many clients as 25% of all nodes would give, all of them level K (2 of 8 nodes)
     assert len(msgs) == 2
-    assert {strategy.node_levels[m.metadata.dst_node_id] for m in msgs} == {4}
+    assert {strategy.nodes.levels[m.metadata.dst_node_id] for m in msgs} == {4}
     assert all(m.content["config"]["objective"] == "sum_ce" for m in msgs)
 
 
@@ -163,10 +156,10 @@ def test_scalefl_loss_and_kd_schedule():
     g, t = 0.05, 3.0
     expected = (1 * (ce[0] + g * kl(z[2], z[0], t)) + 2 * (ce[1] + g * kl(z[2], z[1], t))
                 + 3 * ce[2]) / 6
-    ctx = ObjectiveContext({"kd-gamma": g, "kd-temperature": t})
+    ctx = ObjectiveContext(instructions({"kd-gamma": g, "kd-temperature": t}))
     assert float(losses.get("scalefl")(out, y, ctx)) == pytest.approx(expected, rel=1e-5)
     s = make_strategy({"strategy": "scalefl", "num-server-rounds": 4})
-    assert [s.client_config(r, 1)["kd-gamma"] for r in (1, 2)] == [0.0, 0.05]
+    assert [s.instructions(r, 1).kd_gamma for r in (1, 2)] == [0.0, 0.05]
     assert s.level_spec(1).width == 0.4 and s.level_spec(4).width == 1.0
     with pytest.raises(ConfigError, match="one ratio per budget level"):
         load_config({"strategy": "scalefl", "scalefl-widths": "0.5,1"})
@@ -181,7 +174,7 @@ def test_depthfl_loss_and_ramp():
     z, t, lam = out.logits, 1.0, math.exp(-1.25)
     expected = sum(float(F.cross_entropy(zi, y)) + lam / 2 * sum(kl(zj, zi, t) for j, zj in
                    enumerate(z) if j != i) for i, zi in enumerate(z))
-    ctx = ObjectiveContext({"server-round": 150, "kd-rampup-rounds": 300, "kd-temperature": t})
+    ctx = ObjectiveContext(instructions({"server-round": 150, "kd-rampup-rounds": 300, "kd-temperature": t}))
     assert float(losses.get("depthfl")(out, y, ctx)) == pytest.approx(expected, rel=1e-5)
     one = EEOutput(z[:1], [])
     assert float(losses.get("depthfl")(one, y, ctx)) == pytest.approx(float(F.cross_entropy(z[0], y)))
@@ -191,7 +184,7 @@ def test_depthfl_feddyn_client_and_server():
     model = torch.nn.Linear(2, 1)
     received = {k: v.detach().clone() for k, v in model.named_parameters()}
     state: dict = {}
-    ctx = ObjectiveContext({}, state, model, received)
+    ctx = ObjectiveContext(instructions({}), state, model, received)
     assert losses.feddyn_penalty(ctx, 0.1).item() == pytest.approx(0.0)
     with torch.no_grad():
         model.weight += 1.0  # "training" moved every weight by 1
@@ -201,7 +194,7 @@ def test_depthfl_feddyn_client_and_server():
     # next round: -<theta, g> + alpha/2 ||theta - theta_global||^2
     model2 = torch.nn.Linear(2, 1)  # the client builds a fresh model every round
     model2.load_state_dict(model.state_dict())
-    ctx2 = ObjectiveContext({}, state, model2, {k: v.detach().clone() - 1.0 for k, v in
+    ctx2 = ObjectiveContext(instructions({}), state, model2, {k: v.detach().clone() - 1.0 for k, v in
                                                 model2.named_parameters()})
     expected = (0.1 * model2.weight.sum() + 0.05 * 2 + 0.05 * 1).item()
     assert losses.feddyn_penalty(ctx2, 0.1).item() == pytest.approx(expected, rel=1e-5)
@@ -233,7 +226,7 @@ def test_reefl_teacher_is_lowest_moving_average_exit():
         return z
 
     state: dict = {}
-    ctx = ObjectiveContext({"server-round": 1}, state)
+    ctx = ObjectiveContext(instructions({"server-round": 1}), state)
     b1 = EEOutput([logits(6.0), logits(0.0), logits(-4.0)], [])
     losses.get("reefl")(b1, y, ctx)
     ce1 = np.array([float(F.cross_entropy(z, y)) for z in b1.logits])
@@ -246,13 +239,13 @@ def test_reefl_teacher_is_lowest_moving_average_exit():
     expected = ce2.sum() + sum(kl(b2.logits[t], z, 1.0) for j, z in enumerate(b2.logits) if j != t)
     assert float(losses.get("reefl")(b2, y, ctx)) == pytest.approx(expected, rel=1e-5)
     np.testing.assert_allclose(state["reefl-ma"], ma, rtol=1e-6)
-    losses.get("reefl")(b2, y, ObjectiveContext({"server-round": 2}, state))  # new round: reset
+    losses.get("reefl")(b2, y, ObjectiveContext(instructions({"server-round": 2}), state))  # new round: reset
     np.testing.assert_allclose(state["reefl-ma"], 0.2 * ce2, rtol=1e-6)
 
 
 def test_reefl_grad_clip_by_value():
     model = torch.nn.Linear(3, 2)
-    ctx = ObjectiveContext({"grad-clip": 1.0}, {}, model)
+    ctx = ObjectiveContext(instructions({"grad-clip": 1.0}), {}, model)
     x, y = torch.randn(8, 3) * 100, torch.zeros(8, dtype=torch.long)
     out = EEOutput([model(x) * 50, model(x)], [])
     losses.get("reefl")(out, y, ctx).backward()
@@ -275,7 +268,7 @@ def test_reefl_shared_exit_averaged_over_all_clients():
         np.testing.assert_allclose(new[key], everyone)
     np.testing.assert_allclose(new["blocks.2.mlp.fc1.weight"], (3 * 30 + 4 * 40) / 70)
     np.testing.assert_allclose(new["blocks.3.mlp.fc1.weight"], 4.0)
-    assert s.client_config(1, 1)["lr"] == pytest.approx(0.005)
+    assert s.instructions(1, 1).lr == pytest.approx(0.005)
 
 
 # ---------------------------------------------------------------------- whole rounds

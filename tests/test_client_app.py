@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-import fakes  # noqa: F401  (sets the process's task identity)
-from fedeen.client_app import app
-from fedeen.config import load_config
+from fedeen.app_config import family_for, load_config
+from fedeen.client_app import app, client_for
+from fedeen.config import ConfigError
 from fedeen.data import load_client_data, source_for
-from fedeen.runtime import family_for
+from inprocess import instructions  # (importing it also sets the process's task identity)
 from models import SubmodelSpec
 from models.submodel import slice_state
 
@@ -18,8 +18,7 @@ def message(depth: int, extra: dict | None = None, mtype=MessageType.TRAIN) -> M
     cfg = load_config(RC)
     fam = family_for(cfg, source_for(cfg).info)
     sub = slice_state(fam.init_state(0), fam.shapes(SubmodelSpec(depth)))
-    config = {"depth": depth, "width": 1.0, "objective": "sum_ce", "lr": 0.05,
-              "server-round": 1, "level": depth, **(extra or {})}
+    config = instructions({"depth": depth, "lr": 0.05, "level": depth, **(extra or {})}).to_config()
     return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sub.items()}),
                                "config": ConfigRecord(config)}), message_type=mtype, dst_node_id=5)
 
@@ -84,3 +83,10 @@ def test_mismatched_arrays_fail_loudly():
     # the runtime turns this exception into an error reply, which the strategy rejects
     with pytest.raises(ValueError, match="do not match spec"):
         app(message(2, {"depth": 3}), context())
+
+
+def test_node_without_partition_is_refused():
+    ctx = Context(run_id=1, node_id=1, node_config={"budget-level": 2}, state=RecordDict(),
+                  run_config={})
+    with pytest.raises(ConfigError, match="partition-id and num-partitions"):
+        client_for(ctx)

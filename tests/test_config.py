@@ -1,20 +1,67 @@
+"""The run config: defaults in one place, every key typed and checked, errors that name the
+key and the valid choices."""
+import dataclasses
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedeen.config import ConfigError, RunConfig, load_config
+import strategies
+from fedeen.app_config import default_run_config, load_config
+from fedeen.config import ConfigError, RunConfig, core_fields
+from models import registry as model_registry
+from models.options import key_for
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedeen", "models", "strategies", "clients", "simulations")
 
 
 def test_pyproject_defaults_equal_config_defaults():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == load_config({}).as_run_config()
+    assert declared == default_run_config() == load_config({}).as_run_config()
 
 
 def test_empty_run_config_gives_defaults():
-    assert load_config({}) == RunConfig()
+    cfg = load_config({})
+    assert all(getattr(cfg, f.name) == f.default for f in core_fields())
+    assert all(obj == type(obj)() for obj in cfg.options)
+
+
+def count_after(imports: str) -> str:
+    code = (f"{imports}; import fedeen.config as c; import fedeen.app_config as a; "
+            "print(len(c.RunConfig().as_run_config()), len(a.default_run_config()))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=True).stdout.strip()
+
+
+def test_the_config_is_the_same_whatever_was_imported_first():
+    first = count_after("import os")
+    assert first == count_after("import strategies, clients.losses, fedeen.server_app, "
+                                "fedeen.client_app, simulations.run_grid")
+    core, full = map(int, first.split())
+    assert full == len(default_run_config()) > core
+
+
+def project_sources() -> str:
+    return "\n".join(p.read_text() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_every_key_is_read_through_its_field():
+    """The one rule: key = <prefix>-<field name, '_' as '-'>; a search for the field name
+    (as an attribute) finds where each value is used, not only its declaration."""
+    source = project_sources()
+    groups = {nested for g in [*model_registry.option_classes(), *strategies.option_classes()]
+              for nested in g.groups()}
+    fields = [("", f.name) for f in core_fields()]
+    fields += [(g.prefix, f.name) for g in groups for f in dataclasses.fields(g)
+               if not f.metadata.get("group")]
+    keys = {key_for(prefix, name) for prefix, name in fields}
+    assert keys == set(default_run_config())
+    unused = [key_for(p, n) for p, n in fields if not re.search(rf"\.{n}\b", source)]
+    assert not unused, f"keys whose field is never read: {unused}"
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -26,21 +73,34 @@ def test_empty_run_config_gives_defaults():
     ({"partitioner": "shards"}, "valid partitioners: iid, dirichlet, natural"),
     ({"alpha": 0.0}, "alpha"),
     ({"alpha": "high"}, "must be a float"),
+    ({"lr": float("inf")}, "lr = inf must be a finite number"),
+    ({"seed": -1}, "seed = -1 must be >= 0"),
     ({"budget-ratios": "0.5,0.6"}, "sum to 1"),
     ({"budget-ratios": "a,b"}, "comma-separated"),
     ({"no-such-key": 1}, "valid keys: "),
     ({"out-dir": "relative/dir"}, "absolute"),
-    ({"vit-patch": 5}, "vit-patch"),
+    ({"augment-hflip": "sometimes"}, "augment-hflip 'sometimes'; valid values: auto, true, false"),
+    ({"model": "vit", "vit-patch": 5}, "not divisible by patch size 5"),
+    ({"model": "vit", "vit-dim": 100}, "vit-dim = 100 must be divisible by vit-heads = 3"),
+    ({"cnn-width": 0}, "cnn-width = 0 must be >= 1"),
+    ({"budget-ratios": "0.2,0.2,0.2,0.2,0.2"}, "at most 4 exits"),
+    ({"strategy": "scalefl", "scalefl-widths": "0.4,0.55,0.75,0.9"}, "must be 1.0"),
+    ({"strategy": "darkdistill", "darkdistill-weighting": "fuzzy"}, "valid: soft, hard"),
+    ({"strategy": "darkdistill", "darkdistill-kd-lr": -1}, "darkdistill-kd-lr = -1.0 must be > 0"),
+    ({"strategy": "inclusivefl", "inclusivefl-beta": 2}, "inclusivefl-beta = 2.0 must be in"),
 ])
 def test_bad_values_name_the_problem(overrides, needle):
-    with pytest.raises(ConfigError, match=None) as err:
+    with pytest.raises(ConfigError) as err:
         load_config(overrides)
     assert needle in str(err.value)
 
 
-def test_unknown_strategy_lists_every_registered_name():
-    import strategies
+def test_a_vit_can_carry_more_levels_than_the_cnn():
+    cfg = load_config({"budget-ratios": "0.2,0.2,0.2,0.2,0.2", "model": "vit", "vit-blocks": 5})
+    assert cfg.num_levels == 5
 
+
+def test_unknown_strategy_lists_every_registered_name():
     with pytest.raises(ConfigError) as err:
         load_config({"strategy": "nope"})
     for name in strategies.available():
@@ -49,3 +109,14 @@ def test_unknown_strategy_lists_every_registered_name():
 
 def test_int_given_for_float_is_accepted():
     assert load_config({"alpha": 1}).alpha == 1.0
+
+
+def test_options_are_typed_fields():
+    from strategies.darkdistill import DarkDistillOptions
+
+    cfg = load_config({"strategy": "darkdistill", "darkdistill-kd-lr": 0.1,
+                       "darkdistill-server-epochs": 3})
+    options = cfg.options_of(DarkDistillOptions)
+    assert options.shared.kd_lr == 0.1 and options.server_epochs == 3
+    assert cfg.as_run_config()["darkdistill-kd-lr"] == 0.1
+    assert RunConfig().options_of(model_registry.get("vit").options).dim == 192

@@ -10,18 +10,19 @@ import torch
 from flwr.app import ConfigRecord
 from scipy.stats import spearmanr
 
-import strategies
-from fakes import InProcessGrid
-from fedeen.config import ConfigError, load_config
-from fedeen.data import load_client_data, source_for
-from fedeen.runtime import family_for
+from inprocess import InProcessGrid, make_strategy, train_round
+from fedeen.app_config import load_config
+from fedeen.config import ConfigError
+from fedeen.data import load_client_data
 from fedeen.server_app import run
 from models.base import SubmodelSpec
 from models.family import EENFamily
 from models.generator import LatentGenerator, diversity_loss
 from models.registry import ModelConfig
+from models.vit import ViTOptions
 from models.submodel import slice_state
-from strategies.base import ClientUpdate, to_record
+from fedeen.protocol import DIFFICULTY_RECORD, to_record
+from strategies.base import ClientUpdate
 from strategies.darkdistill import (difficulty_generator_step, difficulty_weights,
                                     exit1_difficulty, merge_levels, reverse_kd_pair_loss)
 from strategies.kd_losses import rkd_angle, rkd_distance
@@ -34,12 +35,6 @@ VIT = {"model": "vit", "vit-blocks": 4, "vit-dim": 32, "vit-heads": 2, "vit-patc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def make_strategy(rc):
-    cfg = load_config(rc)
-    strategy = strategies.get(cfg.strategy)(cfg, family_for(cfg, source_for(cfg).info))
-    strategy.global_state = strategy.family.init_state(cfg.seed)
-    return strategy
 
 
 def fake_updates(strategy, n=40, seed=0):
@@ -58,8 +53,10 @@ def fake_updates(strategy, n=40, seed=0):
 
 
 def step(strategy, updates, rnd=1):
-    strategy.global_state = strategy.aggregate(rnd, updates)
-    return strategy.server_step(rnd, updates)
+    """Aggregate, run the server step and install the result; the server step's metrics."""
+    metrics = strategy.aggregate_updates(rnd, updates)
+    metrics.pop("global-rel-change")
+    return metrics
 
 
 # ---------------------------------------------------------------------- exit routing
@@ -169,8 +166,8 @@ def test_reverse_kd_pair_loss_only_uses_samples_at_the_teachers_last_exit():
 # ---------------------------------------------------------------------- generators
 def test_difficulty_conditional_generator_follows_the_requested_difficulty():
     torch.manual_seed(0)
-    family = EENFamily("vit", ModelConfig(num_classes=4, image_size=8, vit_patch=4, vit_dim=16,
-                                          vit_blocks=4, vit_heads=2))
+    family = EENFamily("vit", ModelConfig(num_classes=4, image_size=8, backbone=ViTOptions(
+        patch=4, dim=16, blocks=4, heads=2)))
     teacher = family.build().eval()
     with torch.no_grad():  # a confident fixed teacher, so that CE spans a useful range
         for name, p in teacher.named_parameters():
@@ -289,7 +286,7 @@ def test_difficulty_record_round_trips_through_the_client_app(out_dir):
             want = torch.nn.functional.cross_entropy(model(train.x).logits[0], train.y,
                                                      reduction="none")
         np.testing.assert_allclose(rec["difficulty"], want.numpy(), rtol=1e-4, atol=1e-5)
-    s.global_state = s.aggregate(1, updates)
+    s.aggregate(1, updates)
     assert sorted(s.conditions) == [1, 2, 3, 4]
 
 
@@ -315,7 +312,7 @@ def test_checkpoint_round_trip_of_the_server_state(strategy):
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     b = make_strategy(rc)
-    b.global_state = {k: v.copy() for k, v in a.global_state.items()}
+    b.initialize({k: v.copy() for k, v in a.global_state.items()})
     b.load_state_dict(torch.load(buf, weights_only=True))
     for k, g in a.generators.items():
         for (name, x), (_, y) in zip(g.state_dict().items(), b.generators[k].state_dict().items()):
@@ -333,3 +330,14 @@ def test_checkpoint_round_trip_of_the_server_state(strategy):
     assert step(a, ups, rnd=2) == pytest.approx(step(b, ups, rnd=2))
     for key, v in a.global_state.items():
         np.testing.assert_array_equal(v, b.global_state[key])
+
+
+def test_darkdistill_rejects_a_broken_difficulty_record():
+    strategy = make_strategy({"strategy": "darkdistill"})
+    spec = strategy.level_spec(1)
+    bad = ClientUpdate(1, 1, spec, {}, 3, {}, {DIFFICULTY_RECORD: {
+        "labels": np.array([0, 1, 2]), "difficulty": np.array([0.1, np.nan, 0.3], np.float32)}})
+    assert "non-finite" in strategy.record_problems(bad)
+    good = ClientUpdate(1, 1, spec, {}, 3, {}, {DIFFICULTY_RECORD: {
+        "labels": np.array([0, 1, 2]), "difficulty": np.array([0.1, 0.2, 0.3], np.float32)}})
+    assert strategy.record_problems(good) is None

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import needs_shared
-from fedeen.config import ConfigError, load_config
+from fedeen.app_config import load_config
+from fedeen.config import ConfigError
 from fedeen.data import load_client_data, load_server_data, load_source, source_for
 
 
@@ -52,7 +53,7 @@ def test_local_cifar10_parquet_dirichlet():
     cfg = load_config({"dataset": str(path), "alpha": 0.1, "max-samples-per-client": 50,
                        "max-test-samples": 64})
     src = source_for(cfg)
-    assert (src.info.num_classes, src.info.in_chans, src.info.hflip) == (10, 3, True)
+    assert (src.info.num_classes, src.info.in_chans) == (10, 3)
     assert len(src.train) == 50_000 and len(src.test) == 10_000
     data = load_client_data(cfg, 1, 10)
     assert data.train.x.shape[1:] == (3, 32, 32) and len(data.train) + len(data.val) <= 50
@@ -74,9 +75,10 @@ def test_fsdd_audio_natural_split_by_speaker():
 
 def test_audio_model_consumes_waveforms():
     from models import EENFamily, ModelConfig
+    from models.cnn import CNNOptions
 
-    fam = EENFamily("cnn", ModelConfig(num_classes=10, modality="audio", sample_rate=8000,
-                                        cnn_width=4))
+    fam = EENFamily("cnn", ModelConfig(num_classes=10, frontend="logmel", sample_rate=8000,
+                                        backbone=CNNOptions(width=4)))
     out = fam.build()(torch.randn(3, 8000))
     assert len(out.logits) == 4 and out.logits[-1].shape == (3, 10)
     assert not any("frontend" in k for k in fam.shapes())  # the front end holds no state
@@ -86,3 +88,18 @@ def test_unknown_natural_id_column():
     cfg = load_config({"partitioner": "natural", "natural-id": "writer"})
     with pytest.raises(ConfigError, match="natural-id column 'writer'"):
         load_client_data(cfg, 0, 4)
+
+
+def test_flips_are_a_declared_property_or_a_setting_never_a_name(tmp_path):
+    from fedeen.data import hflip_for
+    from fedeen.data.sources import HUB_DATASETS
+
+    folder = tmp_path / "cifar10"  # a name that once implied flips
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(folder / "data.npz", images=rng.integers(0, 255, (20, 3, 8, 8), dtype=np.uint8),
+             labels=np.arange(20) % 2)
+    info = source_for(load_config({"dataset": str(folder)})).info
+    assert not hflip_for(load_config({"dataset": str(folder)}), info)
+    assert hflip_for(load_config({"dataset": str(folder), "augment-hflip": "true"}), info)
+    assert HUB_DATASETS["cifar10"].hflip and not HUB_DATASETS["svhn"].hflip

@@ -1,7 +1,15 @@
+"""Central evaluation: exit quotas and thresholds, budget curves, the evaluator's choice of
+model per exit and of the best-validation round."""
 import numpy as np
+import pytest
 import torch
 
+from fedeen.data import load_server_data
 from fedeen.evaluation import budget_curve, exit_accuracies, fit_thresholds, quotas, route
+from fedeen.protocol import to_record
+from fedeen.runtime import resolve_device
+from fedeen.server_app import CentralEvaluator
+from inprocess import make_strategy
 
 
 def logits_from_conf(conf, correct_class=None):
@@ -41,3 +49,49 @@ def test_budget_curve_trades_accuracy_for_flops():
     assert cheap.exit_fractions[0] > 0.8 and costly.exit_fractions[1] > 0.8
     assert cheap.accuracy < costly.accuracy
     assert exit_accuracies([z1, z2], y)[1] == 1.0
+
+
+def evaluator_for(strategy):
+    cfg = strategy.cfg
+    return CentralEvaluator(strategy.family, load_server_data(cfg), cfg, resolve_device(cfg),
+                            strategy)
+
+
+def constant_heads(state, cls, num_classes=10):
+    """A copy of ``state`` whose every exit always predicts class ``cls``."""
+    out = {k: v.copy() for k, v in state.items()}
+    for k in out:
+        if k.startswith("exits.") and k.endswith("fc.bias"):
+            out[k] = np.eye(num_classes, dtype=np.float32)[cls] * 1e4
+    return out
+
+
+def test_exit_states_score_an_exit_on_its_own_level_model():
+    strategy = make_strategy({"max-test-samples": 200})
+    ev = evaluator_for(strategy)
+    y = ev.data.test.y
+    share = [float((y == c).float().mean()) for c in range(10)]
+    a, b = int(np.argmax(share)), int(np.argmin(share))
+    global_state = constant_heads(strategy.global_state, a)
+    own = constant_heads(strategy.global_state, b)
+    own = {k: v for k, v in own.items() if k in strategy.family.shapes(strategy.level_spec(1))}
+    strategy.exit_states = lambda: {1: own}
+    m = ev(1, to_record(global_state))
+    assert m["acc-exit-1"] == pytest.approx(share[b])   # scored on its own level's model
+    assert m["acc-exit-2"] == pytest.approx(share[a])   # scored on the global model
+
+
+def test_budget_curve_comes_from_the_best_validation_round():
+    strategy = make_strategy({"max-test-samples": 200})
+    ev = evaluator_for(strategy)
+    y = ev.data.val.y
+    share = [float((y == c).float().mean()) for c in range(10)]
+    good = constant_heads(strategy.global_state, int(np.argmax(share)))
+    bad = constant_heads(strategy.global_state, int(np.argmin(share)))
+    ev(1, to_record(good))
+    kept = [z.clone() for z in ev.best[1]]
+    ev(2, to_record(bad))  # worse on validation: the best round stays round 1
+    assert all(torch.equal(k, z) for k, z in zip(kept, ev.best[1]))
+    best, final = ev.curve(best=True), ev.curve(best=False)
+    assert best[0].accuracy == pytest.approx(float((ev.data.test.y == int(np.argmax(share))).float().mean()))
+    assert best != final

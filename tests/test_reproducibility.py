@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import strategies
-from fakes import InProcessGrid
-from fedeen.config import load_config
+from inprocess import InProcessGrid
+from fedeen.app_config import load_config
 from fedeen.server_app import run
 
 SMALL = {"num-server-rounds": 2, "max-samples-per-client": 32, "max-test-samples": 40,

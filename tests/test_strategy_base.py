@@ -4,26 +4,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 import strategies
-from fakes import InProcessGrid
-from fedeen.config import load_config
+from inprocess import InProcessGrid, make_strategy, train_round
+from fedeen.app_config import load_config
 from fedeen.data import source_for
-from fedeen.runtime import family_for
-from strategies.base import ClientUpdate, to_record
+from fedeen.app_config import family_for
+from fedeen.protocol import to_record
+from strategies.base import ClientUpdate
 
 FAST = {"num-server-rounds": 1, "max-test-samples": 100}
 
 
-def make_strategy(rc):
-    cfg = load_config(rc)
-    strategy = strategies.get(cfg.strategy)(cfg, family_for(cfg, source_for(cfg).info))
-    strategy.global_state = strategy.family.init_state(cfg.seed)
-    return strategy
-
-
-def train_round(strategy, grid, rnd=1):
-    msgs = list(strategy.configure_train(rnd, to_record(strategy.global_state), ConfigRecord(),
-                                         grid))
-    return msgs, strategy.aggregate_train(rnd, grid.send_and_receive(msgs))
 
 
 def test_each_node_gets_its_own_submodel_and_levels_are_queried_once(out_dir):

@@ -10,7 +10,7 @@ def augment_images(x: Tensor, hflip: bool, generator: torch.Generator) -> Tensor
     """Random crop after padding by 1/8 of the side, plus horizontal flips if allowed.
 
     The padding is 0 in normalised units, i.e. mid-grey (the dataset-agnostic mean), not
-    black; the results tables in the README were produced with it."""
+    black."""
     n, _, h, w = x.shape
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad))

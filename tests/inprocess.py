@@ -1,17 +1,21 @@
-"""An in-process stand-in for Flower's Grid: messages go straight to the ClientApp.
+"""In-process stand-ins shared by the tests: a Grid whose messages go straight to the
+ClientApp, and a strategy built and initialised from a run config.
 
-It lets unit tests drive a strategy through whole rounds with real client code and no Ray,
+They let unit tests drive a strategy through whole rounds with real client code and no Ray,
 and fake individual replies (broken, hostile) where a test needs them.
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
-
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedeen.app_config import build_strategy, family_for, load_config
 from fedeen.client_app import app as client_app
+from fedeen.data import source_for
+from fedeen.protocol import Instructions, to_record
+from strategies.base import HeteroEENStrategy
 
 # Messages take their run and task identity from the process, as inside a real ServerApp.
 TaskIdentity.run_id = 1
@@ -49,3 +53,26 @@ class InProcessGrid:
                 reply = self.tamper(reply)
             replies.append(reply)
         return replies
+
+
+def make_strategy(run_config: dict) -> HeteroEENStrategy:
+    """The configured strategy, initialised with the seeded global model."""
+    cfg = load_config(run_config)
+    strategy = build_strategy(cfg, family_for(cfg, source_for(cfg).info))
+    strategy.initialize(strategy.family.init_state(cfg.seed))
+    return strategy
+
+
+def train_round(strategy: HeteroEENStrategy, grid: InProcessGrid, rnd: int = 1):
+    """One training round through the Flower API: (messages sent, aggregate_train's result)."""
+    msgs = list(strategy.configure_train(rnd, to_record(strategy.global_state), ConfigRecord(),
+                                         grid))
+    return msgs, strategy.aggregate_train(rnd, grid.send_and_receive(msgs))
+
+
+def instructions(values: dict | None = None) -> Instructions:
+    """Instructions for objective tests: a level-1 client in round 1, with ``values`` (wire
+    keys, e.g. ``{"kd-gamma": 0.5}``) set."""
+    base = Instructions(server_round=1, num_rounds=1, level=1, depth=1, width=1.0,
+                        objective="sum_ce", lr=0.1).to_config()
+    return Instructions.from_config({**base, **(values or {})})

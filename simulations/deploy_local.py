@@ -21,14 +21,8 @@ from pathlib import Path
 
 from fedeen.budgets import level_for_partition
 from fedeen.app_config import load_config
-from simulations.flwr_local import PROJECT, flwr_env, run_config_arg
+from simulations.flwr_local import PROJECT, flwr_env, free_port, run_config_arg
 from simulations.run_grid import parse_value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 60) -> None:

@@ -1,15 +1,21 @@
 """Run ``flwr run .`` as a subprocess in an isolated FLWR_HOME and clean up after it.
 
 `flwr run` starts a detached local SuperLink that outlives the run; we stop it by PID, found
-through its command line, which names this FLWR_HOME (never by process name).
+through its command line, which names this FLWR_HOME (never by process name). Flower's local
+SuperLink listens on fixed ports (127.0.0.1:39091, control 39093) whatever FLWR_HOME says, so
+two runs on one machine would talk to the same one: every FLWR_HOME gets its own free ports
+(kept in ``<FLWR_HOME>/local-ports.json``), passed to Flower through
+FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and FLWR_LOCAL_CONTROL_API_PORT.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,25 @@ def run_config_arg(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_ports(flwr_home: Path) -> tuple[int, int]:
+    """(SuperLink HTTP API, control API) ports of this FLWR_HOME's local SuperLink."""
+    path = flwr_home / "local-ports.json"
+    if path.exists():
+        ports = json.loads(path.read_text())
+        return int(ports["superlink"]), int(ports["control"])
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    ports = {"superlink": free_port(), "control": free_port()}
+    path.write_text(json.dumps(ports))
+    return ports["superlink"], ports["control"]
+
+
 def flwr_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     # flwr starts flower-superlink / flower-superexec by name: put this interpreter's scripts
@@ -40,6 +65,9 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
                PYTHONUNBUFFERED="1")
+    superlink, control = local_ports(flwr_home)
+    env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(superlink),
+               FLWR_LOCAL_CONTROL_API_PORT=str(control))
     return env
 
 
@@ -122,8 +150,6 @@ def flwr_run(overrides: dict[str, Any], out_dir: Path, flwr_home: Path, num_supe
            "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
            "--run-config", run_config_arg(overrides), *extra_args]
-    import threading
-
     t0 = time.perf_counter()
     lines = []
     proc = subprocess.Popen(cmd, cwd=PROJECT, env=flwr_env(flwr_home), stdout=subprocess.PIPE,

@@ -16,7 +16,6 @@ DEFERRED_OK = {
     ("fedeen/results.py", "matplotlib"): "the Agg backend must be chosen before pyplot loads",
     ("fedeen/results.py", "matplotlib.pyplot"): "the Agg backend must be chosen before pyplot",
     ("models/base.py", "torch.utils.flop_counter"): "only FLOP counting needs it",
-    ("simulations/flwr_local.py", "threading"): "standard library, only the watchdog uses it",
     ("simulations/flwr_local.py", "argparse"): "standard library, only the CLI uses it",
 }
 

@@ -45,22 +45,28 @@ def test_the_config_is_the_same_whatever_was_imported_first():
     assert full == len(default_run_config()) > core
 
 
-def project_sources() -> str:
-    return "\n".join(p.read_text() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+def project_files() -> dict[Path, str]:
+    return {p: p.read_text() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
 def test_every_key_is_read_through_its_field():
-    """The one rule: key = <prefix>-<field name, '_' as '-'>; a search for the field name
-    (as an attribute) finds where each value is used, not only its declaration."""
-    source = project_sources()
+    """The one rule: key = <prefix>-<field name, '_' as '-'>. A search for the field name (as
+    an attribute) in the modules that name the option group finds where each value is used."""
+    files = project_files()
     groups = {nested for g in [*model_registry.option_classes(), *strategies.option_classes()]
               for nested in g.groups()}
-    fields = [("", f.name) for f in core_fields()]
-    fields += [(g.prefix, f.name) for g in groups for f in dataclasses.fields(g)
-               if not f.metadata.get("group")]
-    keys = {key_for(prefix, name) for prefix, name in fields}
+    keys = {key_for("", f.name) for f in core_fields()}
+    unused = [key_for("", f.name) for f in core_fields()
+              if not re.search(rf"\.{f.name}\b", "\n".join(files.values()))]
+    for g in groups:
+        users = "\n".join(text for text in files.values() if re.search(rf"\b{g.__name__}\b", text))
+        for f in dataclasses.fields(g):
+            if f.metadata.get("group"):
+                continue
+            keys.add(key_for(g.prefix, f.name))
+            if not re.search(rf"\.{f.name}\b", users):
+                unused.append(key_for(g.prefix, f.name))
     assert keys == set(default_run_config())
-    unused = [key_for(p, n) for p, n in fields if not re.search(rf"\.{n}\b", source)]
     assert not unused, f"keys whose field is never read: {unused}"
 
 

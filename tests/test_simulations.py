@@ -49,3 +49,12 @@ def test_descendants_finds_grandchildren():
         for pid in descendants(parent.pid):
             subprocess.run(["kill", str(pid)])
         parent.kill()
+
+
+def test_every_flwr_home_gets_its_own_local_superlink_ports(tmp_path):
+    from simulations.flwr_local import flwr_env
+
+    a, b = flwr_env(tmp_path / "a"), flwr_env(tmp_path / "b")
+    keys = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
+    assert {a[k] for k in keys}.isdisjoint({b[k] for k in keys})
+    assert [flwr_env(tmp_path / "a")[k] for k in keys] == [a[k] for k in keys]  # stable per home

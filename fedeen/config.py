@@ -21,12 +21,15 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping, TypeVar
 
+import torch
+
 from models import EENFamily, ModelConfig
 from models import registry as model_registry
 from models.base import POLICIES
 from models.options import Options, OptionError, all_defaults, coerce, key_for
 
 PARTITIONERS = ("iid", "dirichlet", "natural")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
 HFLIP_CHOICES = ("auto", "true", "false")
 O = TypeVar("O", bound=Options)
@@ -49,6 +52,7 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_nodes: int = 2
+    max_failed_rounds: int = 3
     partitioner: str = "dirichlet"
     alpha: float = 1.0
     natural_id: str = "speaker"
@@ -66,6 +70,10 @@ class RunConfig:
     weight_decay: float = 0.0001
     augment: bool = True
     augment_hflip: str = "auto"
+    # robustness of the server against bad updates (docs/trust-model.md)
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    update_norm_bound: float = 0.0
     # model input and training policy (how exits are trained and read; any strategy)
     image_size: int = 32
     policy: str = "base"
@@ -154,7 +162,8 @@ def validate(cfg: RunConfig) -> None:
                ("partitioner", cfg.partitioner, PARTITIONERS, "partitioners"),
                ("policy", cfg.policy, POLICIES, "policies"),
                ("device", cfg.device, DEVICES, "devices"),
-               ("augment-hflip", cfg.augment_hflip, HFLIP_CHOICES, "values")]
+               ("augment-hflip", cfg.augment_hflip, HFLIP_CHOICES, "values"),
+               ("aggregation", cfg.aggregation, AGGREGATIONS, "aggregations")]
     for key, value, valid, plural in choices:
         if value not in valid:
             raise ConfigError(f"unknown {key} {value!r}; valid {plural}: {', '.join(valid)}")
@@ -168,6 +177,10 @@ def validate(cfg: RunConfig) -> None:
         ("fraction-train", 0 < cfg.fraction_train <= 1, "must be in (0, 1]"),
         ("fraction-evaluate", 0 <= cfg.fraction_evaluate <= 1, "must be in [0, 1]"),
         ("min-nodes", cfg.min_nodes >= 1, "must be >= 1"),
+        ("max-failed-rounds", cfg.max_failed_rounds >= 1, "must be >= 1"),
+        ("trim-fraction", 0 <= cfg.trim_fraction < 0.5, "must be in [0, 0.5)"),
+        ("update-norm-bound", cfg.update_norm_bound == 0 or cfg.update_norm_bound >= 1,
+         "must be 0 (off) or >= 1 (a multiple of the round's median update norm)"),
         ("val-fraction", 0 <= cfg.val_fraction < 1, "must be in [0, 1)"),
         ("server-val-fraction", 0 < cfg.server_val_fraction < 1, "must be in (0, 1)"),
         ("max-samples-per-client", cfg.max_samples_per_client >= 0, "must be >= 0 (0 = all)"),
@@ -193,6 +206,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.out_dir and not os.path.isabs(os.path.expanduser(cfg.out_dir)):
         raise ConfigError(
             f"out-dir must be an absolute path (the app runs from Flower's app cache), got {cfg.out_dir!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but no CUDA device is available here; use 'auto' "
+                          "(GPU when present) or 'cpu'")
     if cfg.resume:
         path = os.path.expanduser(cfg.resume)
         if not os.path.isabs(path):

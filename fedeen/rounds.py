@@ -7,6 +7,10 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on (e.g. rounds without any accepted reply); the message says why."""
+
+
 @dataclass
 class RoundTimings:
     configure: float = 0.0

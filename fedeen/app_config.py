@@ -8,11 +8,17 @@ imported before.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 import strategies
 from fedeen.config import ConfigError, RunConfig, load_run_config
-from fedeen.data import DatasetInfo, check_dataset_name
+from fedeen.data import DatasetInfo, check_dataset_name, source_for
+from fedeen.results import DEFAULT_OUT
 from fedeen.runtime import model_config
 from models import EENFamily
 from models import registry as model_registry
@@ -29,6 +35,51 @@ def load_config(run_config: Mapping[str, Any]) -> RunConfig:
     check_dataset_name(cfg.dataset)
     strategies.get(cfg.strategy).check_config(cfg)
     return cfg
+
+
+def check_run(cfg: RunConfig, num_nodes: int | None = None) -> None:
+    """The checks that need the data, the file system or the federation's size (``num_nodes``
+    when known, as in simulation): run before any round starts, and by the project's runners
+    before Flower starts Ray."""
+    out = Path(os.path.expanduser(cfg.out_dir or DEFAULT_OUT))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out-dir {str(out)!r} is not writable: {err}") from None
+    try:
+        source = source_for(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader error means "not a dataset we read"
+        raise ConfigError(f"dataset {cfg.dataset!r} cannot be read as a dataset: "
+                          f"{type(err).__name__}: {err}") from None
+    labels = np.asarray(source.train[source.label_column])
+    classes = len(np.unique(labels))
+    if source.info.num_classes < 2 or classes < 2:
+        raise ConfigError(f"dataset {cfg.dataset!r} has {classes} class(es) in its training "
+                          "split; an early-exit classifier needs at least 2")
+    if cfg.partitioner == "natural" and cfg.natural_id not in source.train.column_names:
+        raise ConfigError(f"natural-id column {cfg.natural_id!r} is not in dataset "
+                          f"{cfg.dataset!r}; columns: {source.train.column_names}")
+    if num_nodes is None:
+        return
+    if cfg.min_nodes > num_nodes:
+        raise ConfigError(f"min-nodes = {cfg.min_nodes} but the federation has {num_nodes} "
+                          "nodes; lower min-nodes or start more nodes")
+    pool = int(len(labels) * (1 - cfg.server_val_fraction))
+    per_node = {"iid": 1, "dirichlet": 2}.get(cfg.partitioner, 0)  # Dirichlet: >= 2 each
+    if pool < per_node * num_nodes:
+        raise ConfigError(f"dataset {cfg.dataset!r} leaves {pool} training samples for "
+                          f"{num_nodes} nodes; the {cfg.partitioner} partitioner needs at least "
+                          f"{per_node * num_nodes}")
+    if cfg.partitioner == "natural":
+        groups = len(np.unique(np.asarray(source.train[cfg.natural_id])))
+        if groups != num_nodes:
+            raise ConfigError(f"natural partitioning by {cfg.natural_id!r} gives {groups} "
+                              f"partitions but the federation has {num_nodes} nodes; run with "
+                              f"num-supernodes={groups}")
 
 
 def default_run_config() -> dict[str, Any]:

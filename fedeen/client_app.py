@@ -18,7 +18,8 @@ from fedeen.app_config import family_for, load_config
 from fedeen.budgets import node_level
 from fedeen.config import ConfigError, RunConfig
 from fedeen.data import load_client_data, source_for
-from fedeen.protocol import NUM_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION, from_record, to_record
+from fedeen.protocol import (NUM_EXAMPLES, QUERY_EVAL_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION,
+                             QUERY_TRAIN_EXAMPLES, from_record, to_record)
 from fedeen.runtime import resolve_device
 
 app = ClientApp()
@@ -33,8 +34,14 @@ def _client(cfg: RunConfig, partition_id: int, num_partitions: int) -> EENClient
                      client_seed=cfg.seed * 1000 + partition_id)
 
 
+def client_config(context: Context) -> RunConfig:
+    """The run config as a client reads it: ``resume`` names a file on the server, which a
+    client neither has nor needs."""
+    return load_config({k: v for k, v in context.run_config.items() if k != "resume"})
+
+
 def client_for(context: Context) -> EENClient:
-    cfg = load_config(context.run_config)
+    cfg = client_config(context)
     nc = context.node_config
     if "partition-id" not in nc or "num-partitions" not in nc:
         raise ConfigError("the SuperNode's node config needs partition-id and num-partitions "
@@ -96,11 +103,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answers the server's one-time question about this node's budget level."""
-    cfg = load_config(context.run_config)
+    """Answers the server's one-time question: this node's budget level, its stable key and
+    how many examples it holds (the server's bound on its replies' example counts)."""
+    cfg = client_config(context)
     level = node_level(context.node_config, cfg.level_ratios)
     key = int(context.node_config.get(QUERY_PARTITION, -1))
-    return Message(RecordDict({"metrics": MetricRecord({QUERY_LEVEL: level,
-                                                        QUERY_PARTITION: key}),
+    client = client_for(context)
+    return Message(RecordDict({"metrics": MetricRecord({
+                                   QUERY_LEVEL: level, QUERY_PARTITION: key,
+                                   QUERY_TRAIN_EXAMPLES: len(client.data.train),
+                                   QUERY_EVAL_EXAMPLES: len(client.data.val)}),
                                "config": ConfigRecord({"answer": QUERY_LEVEL})}),
                    reply_to=msg)

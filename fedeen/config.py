@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 
 import torch
 
+from fedeen.checkpoints import CheckpointError, check_resumable
 from models import EENFamily, ModelConfig
 from models import registry as model_registry
 from models.base import POLICIES
@@ -214,8 +215,10 @@ def validate(cfg: RunConfig) -> None:
         if not os.path.isabs(path):
             raise ConfigError(f"resume must be an absolute path to a run directory or its "
                               f"checkpoint.pt, got {cfg.resume!r}")
-        if not os.path.exists(checkpoint_path(path)):
-            raise ConfigError(f"resume: no checkpoint at {checkpoint_path(path)}")
+        try:  # readable, whole, same config, rounds left: fails before any data loads
+            check_resumable(checkpoint_path(path), cfg.as_run_config(), cfg.num_server_rounds)
+        except CheckpointError as err:
+            raise ConfigError(f"resume: {err}") from None
 
 
 def check_model_builds(cfg: RunConfig) -> None:

@@ -21,6 +21,8 @@ from models.state import State
 #: the server's one-time question to a node, and the keys of the answer
 QUERY_LEVEL = "budget-level"
 QUERY_PARTITION = "partition-id"
+QUERY_TRAIN_EXAMPLES = "num-train-examples"  # bound on a train reply's num-examples
+QUERY_EVAL_EXAMPLES = "num-eval-examples"    # bound on an evaluate reply's num-examples
 #: reply metric: examples the client trained (or evaluated) on
 NUM_EXAMPLES = "num-examples"
 #: extra reply record of per-sample labels and difficulties (DarkDistill's uploads)

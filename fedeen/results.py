@@ -3,12 +3,18 @@
 Layout::
 
     <out-dir>/<timestamp>-<strategy>-<dataset>-s<seed>/
-        config.json  metrics.json  history.csv  checkpoint.pt  final_model.pt
-        exit_accuracy.png  budget_curve.png
+        config.json  rounds.jsonl  metrics.json  history.csv  final_model.pt
+        checkpoint.pt  checkpoint.prev.pt  exit_accuracy.png  budget_curve.png
+
+Every file is replaced whole (``fedeen.checkpoints.atomic_write``), so a run killed at any
+moment leaves complete files; ``rounds.jsonl`` is an append-only log, one line per round.
+``metrics.json`` is written last and always says how the run ended: ``"status"`` is
+``"completed"`` or ``"failed"``, with the ``"cause"`` of a failure.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -21,12 +27,14 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
+from fedeen.checkpoints import append_line, atomic_write, atomic_write_text, save_checkpoint
 from fedeen.config import RunConfig
 from fedeen.evaluation import BudgetPoint
 from fedeen.rounds import RoundObserver, RoundTimings, ServerState
 from models.state import to_tensors
 
 DEFAULT_OUT = "~/fedeen-runs"
+COMPLETED, FAILED = "completed", "failed"
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -55,18 +63,27 @@ class RunRecorder(RoundObserver):
         self.path.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
-        (self.path / "config.json").write_text(json.dumps(cfg.as_run_config(), indent=2))
+        atomic_write_text(self.path / "config.json", json.dumps(cfg.as_run_config(), indent=2))
 
     @classmethod
     def resume(cls, cfg: RunConfig, num_exits: int, exit_costs: list[float], path: Path,
                up_to_round: int) -> "RunRecorder":
-        """Continue a run directory: its rounds up to the checkpoint are kept."""
+        """Continue a run directory: its rounds up to the checkpoint are kept (a last line cut
+        short by a crash is dropped)."""
         rec = cls(cfg, num_exits, exit_costs, path)
         log_path = path / "rounds.jsonl"
         if log_path.exists():
-            rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+            rows = []
+            for n, line in enumerate(log_path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    log(logging.WARNING, "fedeen: %s line %d is not JSON (cut short by a "
+                        "crash?); dropped", log_path, n)
             rec.rounds = [r for r in rows if r["round"] <= up_to_round]
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in rec.rounds))
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in rec.rounds))
         return rec
 
     def round_done(self, server_round: int, central: dict | None, train: dict, evaluate: dict,
@@ -74,8 +91,7 @@ class RunRecorder(RoundObserver):
         row = {"round": server_round, "central": central or {}, "train": train,
                "federated": evaluate, "timings": timings.as_dict()}
         self.rounds.append(row)
-        with open(self.path / "rounds.jsonl", "a") as fh:  # nothing computed is lost on a crash
-            fh.write(json.dumps(row) + "\n")
+        append_line(self.path / "rounds.jsonl", json.dumps(row))  # nothing is lost on a crash
         accs = [100 * (central or {}).get(c, float("nan")) for c in exit_columns(self.num_exits)]
         extra = "".join(f" | {k} {v:.3g}" for k, v in train.items()
                         if k.startswith(("gen-", "kd-", "server-")))
@@ -92,29 +108,46 @@ class RunRecorder(RoundObserver):
             self.checkpoint(server_round, server)
 
     def checkpoint(self, server_round: int, server: ServerState) -> None:
-        """One file holds what resuming needs: model, server state, round and config."""
-        torch.save({"round": server_round, "config": self.cfg.as_run_config(),
-                    "global_state": to_tensors(server.global_state),
-                    "strategy_state": server.state_dict()},
-                   self.path / "checkpoint.pt")
+        """One file holds what resuming needs: model, server state, round and config (the
+        one it replaces is kept as checkpoint.prev.pt)."""
+        save_checkpoint(self.path / "checkpoint.pt", server_round, self.cfg.as_run_config(),
+                        to_tensors(server.global_state), server.state_dict())
 
     # ------------------------------------------------------------------ end of run
     def best_round(self) -> dict[str, Any] | None:
         rows = [r for r in self.rounds if "val-acc-mean" in r["central"]]
         return max(rows, key=lambda r: r["central"]["val-acc-mean"]) if rows else None
 
-    def finish(self, final_state: dict[str, np.ndarray], curve: list[BudgetPoint],
+    def finish(self, final_state: dict[str, np.ndarray] | None, curve: list[BudgetPoint],
                rejected: dict[int, list[str]], initial: dict | None = None,
-               final_curve: list[BudgetPoint] | None = None) -> dict[str, Any]:
-        """Write everything; ``curve`` is the best-validation round's, ``final_curve`` the
-        last round's budgeted-inference curve."""
-        torch.save(to_tensors(final_state), self.path / "final_model.pt")
+               final_curve: list[BudgetPoint] | None = None, status: str = COMPLETED,
+               cause: str | None = None) -> dict[str, Any]:
+        """Write everything, metrics.json last; ``curve`` is the best-validation round's,
+        ``final_curve`` the last round's budgeted-inference curve.
+
+        A completed run's files must all be written (an error fails the run). A failed run
+        (``status`` FAILED, ``cause`` why) writes what it can: a file that cannot be written
+        is logged and skipped, and metrics.json is written whatever happened."""
         cols = exit_columns(self.num_exits)
+        outputs = [("final_model.pt", lambda: self._write_model(final_state)),
+                   ("history.csv", lambda: self._write_history(cols)),
+                   ("the plots", lambda: self._plot(cols, curve))]
+        for name, write in outputs:
+            if status == COMPLETED:
+                write()
+                continue
+            try:
+                write()
+            except Exception as err:  # the failure itself may be why; metrics.json matters
+                log(logging.WARNING, "fedeen: could not write %s of the failed run: %s: %s",
+                    name, type(err).__name__, err)
         final = self.rounds[-1]["central"] if self.rounds else {}
         best = self.best_round()
         steady = [r["timings"]["total"] for r in self.rounds[1:]] or \
                  [r["timings"]["total"] for r in self.rounds]
         summary = {
+            "status": status,
+            **({"cause": cause} if status == FAILED else {}),
             "run_dir": str(self.path),
             "config": self.cfg.as_run_config(),
             "num_exits": self.num_exits,
@@ -134,24 +167,28 @@ class RunRecorder(RoundObserver):
             "failed_replies": {str(k): v for k, v in rejected.items()},
             "rounds": self.rounds,
         }
-        (self.path / "metrics.json").write_text(json.dumps(summary, indent=2))
-        self._write_history(cols)
-        self._plot(cols, curve)
+        atomic_write_text(self.path / "metrics.json", json.dumps(summary, indent=2))
         return summary
+
+    def _write_model(self, state: dict[str, np.ndarray] | None) -> None:
+        if state:  # a run that failed before its model was set up has none
+            atomic_write(self.path / "final_model.pt",
+                         lambda fh: torch.save(to_tensors(state), fh))
 
     def _write_history(self, cols: list[str]) -> None:
         timing_keys = list(RoundTimings().as_dict())
         central = [*cols, "acc-mean", "acc-std", "val-acc-mean"]
         central += sorted({k for r in self.rounds for k in r["central"]} - set(central))
-        with open(self.path / "history.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["round", *central, "train-loss", "clients-ok", "clients-failed",
-                        *[f"t-{k}" for k in timing_keys]])
-            for r in self.rounds:
-                c, t = r["central"], r["train"]
-                w.writerow([r["round"], *[c.get(k) for k in central], t.get("train-loss"),
-                            t.get("clients-ok"), t.get("clients-failed"),
-                            *[r["timings"][k] for k in timing_keys]])
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["round", *central, "train-loss", "clients-ok", "clients-failed",
+                    *[f"t-{k}" for k in timing_keys]])
+        for r in self.rounds:
+            c, t = r["central"], r["train"]
+            w.writerow([r["round"], *[c.get(k) for k in central], t.get("train-loss"),
+                        t.get("clients-ok"), t.get("clients-failed"),
+                        *[r["timings"][k] for k in timing_keys]])
+        atomic_write_text(self.path / "history.csv", text.getvalue())
 
     def _plot(self, cols: list[str], curve: list[BudgetPoint]) -> None:
         import matplotlib
@@ -169,7 +206,8 @@ class RunRecorder(RoundObserver):
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.path / "exit_accuracy.png", dpi=120)
+        atomic_write(self.path / "exit_accuracy.png",
+                     lambda fh: fig.savefig(fh, format="png", dpi=120))
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -187,5 +225,6 @@ class RunRecorder(RoundObserver):
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.path / "budget_curve.png", dpi=120)
+        atomic_write(self.path / "budget_curve.png",
+                     lambda fh: fig.savefig(fh, format="png", dpi=120))
         plt.close(fig)

@@ -1,4 +1,9 @@
-"""The ServerApp: validate the config, build family/strategy/data, run the rounds, write results."""
+"""The ServerApp: validate the config, build family/strategy/data, run the rounds, write results.
+
+However the round loop ends, metrics.json records it: ``"status": "completed"``, or
+``"failed"`` with the ``"cause"`` (``RunFailed``, any other exception, or a run in which no
+round accepted a single reply), and the last log line says which before an error is re-raised.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,12 +16,14 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedeen.app_config import build_strategy, family_for, load_config
+from fedeen.app_config import build_strategy, check_run, family_for, load_config
+from fedeen.checkpoints import CheckpointError, open_checkpoint, set_aside_damaged
 from fedeen.config import ConfigError, RunConfig, checkpoint_path
 from fedeen.data import ServerData, load_server_data
 from fedeen.evaluation import budget_curve, exit_accuracies, predict
 from fedeen.protocol import to_record
-from fedeen.results import RunRecorder, exit_columns
+from fedeen.results import FAILED, RunRecorder, exit_columns
+from fedeen.rounds import RunFailed
 from fedeen.runtime import resolve_device, seed_everything
 from models.family import EENFamily
 from models.state import load_state, to_state
@@ -42,6 +49,7 @@ class CentralEvaluator:
         self.last: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self.best: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self.best_val = -1.0
+        self.initial: dict[str, float] = {}  # round 0's metrics (the initial model)
 
     def logits(self, state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every exit's (validation, test) logits; some strategies score an exit on its own
@@ -66,6 +74,8 @@ class CentralEvaluator:
         metrics.update(self.strategy.extra_central_metrics(test_logits, self.data.test.y))
         if server_round > 0 and metrics["val-acc-mean"] > self.best_val:
             self.best_val, self.best = metrics["val-acc-mean"], self.last
+        if server_round == 0:
+            self.initial = dict(metrics)
         return MetricRecord(metrics)
 
     def curve(self, best: bool = True):
@@ -90,45 +100,90 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     log(logging.INFO, "fedeen: %s on %s (%d classes, %s), %s model, rounds %d..%d; run dir %s "
         "(setup %.1fs)", cfg.strategy, data.info.name, data.info.num_classes, data.info.modality,
         cfg.model, first_round, cfg.num_server_rounds, recorder.path, time.perf_counter() - t0)
-    strategy.initialize(initial)
-    result = strategy.start(grid, to_record(initial), num_rounds=cfg.num_server_rounds,
-                            evaluate_fn=evaluator, observer=recorder, first_round=first_round)
-    init_metrics = dict(result.evaluate_metrics_serverapp.get(0, {}))
-    summary = recorder.finish(strategy.global_state, evaluator.curve(best=True),
-                              strategy.rejected, init_metrics, evaluator.curve(best=False))
+    try:
+        strategy.initialize(initial)
+        result = strategy.start(grid, to_record(initial), num_rounds=cfg.num_server_rounds,
+                                evaluate_fn=evaluator, observer=recorder,
+                                first_round=first_round)
+        check_trained(recorder.rounds, strategy.rejected)
+        init_metrics = dict(result.evaluate_metrics_serverapp.get(0, {}))
+        summary = recorder.finish(strategy.global_state, evaluator.curve(best=True),
+                                  strategy.rejected, init_metrics, evaluator.curve(best=False))
+    except BaseException as err:  # Ctrl-C too: metrics.json must say the run did not finish
+        cause = failure_cause(err)
+        record_failure(recorder, strategy, evaluator, cause)
+        log(logging.ERROR, "fedeen: FAILED: %s", cause)
+        raise
     final = summary["final"]
-    log(logging.INFO, "fedeen: done in %.1fs; final exits %s, mean %.2f ± %.2f; results in %s",
-        time.perf_counter() - t0,
+    log(logging.INFO, "fedeen: completed in %.1fs; final exits %s, mean %.2f ± %.2f; "
+        "results in %s", time.perf_counter() - t0,
         " ".join(f"{100 * (final[c] or 0):.2f}" for c in exit_columns(family.num_exits)),
         100 * (final["acc-mean"] or 0), 100 * (final["acc-std"] or 0), recorder.path)
     return summary
 
 
-RESUMABLE_CHANGES = {"num-server-rounds", "resume", "out-dir", "device", "checkpoint-every"}
+def check_trained(rounds: list[dict], rejected: dict[int, list[str]]) -> None:
+    """A run in which no round accepted a reply trained nothing: that is a failure."""
+    if any(r["train"].get("clients-ok", 0) > 0 for r in rounds):
+        return
+    example = next(((node, why[0]) for node, why in rejected.items() if why), None)
+    raise RunFailed(f"trained nothing: none of the {len(rounds)} rounds accepted a reply"
+                    + (f" (e.g. node {example[0]}: {example[1]})" if example else ""))
+
+
+def failure_cause(err: BaseException) -> str:
+    """What metrics.json and the last log line say about why a run failed."""
+    text = str(err).strip()
+    if isinstance(err, RunFailed) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def record_failure(recorder: RunRecorder, strategy: HeteroEENStrategy,
+                   evaluator: CentralEvaluator, cause: str) -> None:
+    """metrics.json with status failed and the cause, and whatever else of the run can still
+    be written; an error here is logged, never raised over the run's own."""
+    curves = []
+    for best in (True, False):
+        try:
+            curves.append(evaluator.curve(best=best))
+        except Exception:  # no round was evaluated: there is no curve
+            curves.append([])
+    try:
+        recorder.finish(strategy.global_state or None, curves[0], strategy.rejected,
+                        evaluator.initial, curves[1], status=FAILED, cause=cause)
+    except Exception as err:
+        log(logging.ERROR, "fedeen: could not write metrics.json of the failed run in %s: "
+            "%s: %s", recorder.path, type(err).__name__, err)
 
 
 def resume(cfg: RunConfig, strategy: HeteroEENStrategy, evaluator: CentralEvaluator):
-    """Global state, first round and recorder of a run continued from its checkpoint."""
+    """Global state, first round and recorder of a run continued from its checkpoint (the
+    previous checkpoint when the latest is damaged; see fedeen.checkpoints)."""
     path = checkpoint_path(cfg.resume)
-    ckpt = torch.load(path, weights_only=False)
-    changed = sorted(k for k, v in cfg.as_run_config().items()
-                     if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v)
-    if changed:
-        raise ConfigError(f"resume: the run config differs from the checkpoint's in {changed}; "
-                          f"only {sorted(RESUMABLE_CHANGES)} may change")
-    strategy.load_state_dict(ckpt["strategy_state"])
-    done = int(ckpt["round"])
+    try:
+        ckpt = open_checkpoint(path, cfg.as_run_config(), cfg.num_server_rounds)
+    except CheckpointError as err:
+        raise ConfigError(f"resume: {err}") from None
+    if ckpt.damaged:
+        aside = set_aside_damaged(ckpt, path)
+        log(logging.WARNING, "fedeen: %s; resuming from the previous checkpoint %s (round %d)%s",
+            ckpt.damaged, ckpt.path, ckpt.round,
+            f"; the damaged file is kept as {aside}" if aside else "")
+    strategy.load_state_dict(ckpt.strategy_state)
+    done = ckpt.round
     recorder = RunRecorder.resume(cfg, evaluator.family.num_exits, evaluator.exit_costs,
                                   Path(path).parent, done)
     best = recorder.best_round()
     if best is not None:
         evaluator.best_val = best["central"]["val-acc-mean"]
-    state = to_state(ckpt["global_state"])
-    log(logging.INFO, "fedeen: resuming %s after round %d", path, done)
+    state = to_state(ckpt.global_state)
+    log(logging.INFO, "fedeen: resuming %s after round %d", ckpt.path, done)
     return state, done + 1, recorder
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)  # fails here, first, on any bad value
+    check_run(cfg)  # the data and the out-dir, before the first round
     run(grid, cfg)

@@ -86,3 +86,79 @@ def scatter_mean(global_state: Mapping[str, np.ndarray],
     for state, weight in updates:
         acc.add(state, weight)
     return acc.result()
+
+
+def _holder_stack(global_array: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
+    """(replies, *global shape) float64, NaN where a reply's slice does not cover an element."""
+    stack = np.full((len(arrays), *global_array.shape), np.nan)
+    for i, a in enumerate(arrays):
+        stack[(i, *leading_slice(a.shape))] = a
+    return stack
+
+
+def _robust_state(global_state: Mapping[str, np.ndarray], states: list[Mapping[str, np.ndarray]],
+                  reduce) -> State:
+    out: State = {}
+    for k, g in global_state.items():
+        held = [s[k] for s in states if k in s]
+        if not held:
+            out[k] = g.copy()
+            continue
+        stack = _holder_stack(g, held)
+        value = reduce(stack)
+        if g.dtype.kind in "iu":
+            value = np.rint(value)
+        out[k] = np.where(np.isnan(value), g, value).astype(g.dtype)
+    return out
+
+
+def scatter_median(global_state: Mapping[str, np.ndarray],
+                   states: Iterable[Mapping[str, np.ndarray]]) -> State:
+    """Coordinate-wise median over the replies that hold each element (unweighted); elements
+    nobody holds keep their value."""
+    def median(stack: np.ndarray) -> np.ndarray:
+        held = ~np.isnan(stack).all(axis=0)
+        out = np.full(stack.shape[1:], np.nan)
+        out[held] = np.nanmedian(stack[:, held], axis=0)
+        return out
+
+    return _robust_state(global_state, list(states), median)
+
+
+def scatter_trimmed_mean(global_state: Mapping[str, np.ndarray],
+                         states: Iterable[Mapping[str, np.ndarray]], fraction: float) -> State:
+    """Coordinate-wise trimmed mean: of the m replies holding an element, the floor(fraction m)
+    smallest and largest values are dropped and the rest averaged (unweighted)."""
+    def trimmed(stack: np.ndarray) -> np.ndarray:
+        ordered = np.sort(stack, axis=0)  # NaN (not held) sorts last
+        m = (~np.isnan(stack)).sum(axis=0)
+        k = np.floor(fraction * m).astype(int)
+        rank = np.arange(len(stack)).reshape(-1, *([1] * (stack.ndim - 1)))
+        keep = (rank >= k) & (rank < m - k)
+        total = np.where(keep, ordered, 0.0).sum(axis=0)
+        count = keep.sum(axis=0)
+        return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+    return _robust_state(global_state, list(states), trimmed)
+
+
+def update_norm(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``state - reference`` over the float tensors (a client's update)."""
+    total = 0.0
+    for k, a in state.items():
+        if a.dtype.kind == "f":
+            total += float(np.sum((a.astype(np.float64) - reference[k]) ** 2))
+    return float(np.sqrt(total))
+
+
+def scale_update(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                 factor: float) -> State:
+    """``reference + factor (state - reference)`` on float tensors; other tensors as sent back."""
+    out: State = {}
+    for k, a in state.items():
+        if a.dtype.kind == "f":
+            ref = reference[k].astype(np.float64)
+            out[k] = (ref + factor * (a.astype(np.float64) - ref)).astype(a.dtype)
+        else:
+            out[k] = a
+    return out

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from clients.een_client import PARAM_KEYS
-from fedeen.app_config import build_strategy, load_config
+from fedeen.app_config import build_strategy, check_run, load_config
 from fedeen.budgets import level_for_partition
 from fedeen.client_app import _client
 from models.submodel import slice_state
@@ -65,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         overrides[key] = parse_value(value)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedeen-bench-"))
+    check_run(load_config({**overrides, "out-dir": str(out.resolve() / "runs")}),
+              args.num_supernodes)
     home = out / "flwr-home"
     try:
         run = flwr_run(overrides, out / "runs", home, args.num_supernodes)
     finally:
         stop_superlinks(home)
+    if run.status != "completed":
+        print(f"flwr run FAILED (exit code {run.returncode}) after {run.seconds:.1f}s: "
+              f"{run.cause}")
+        return 1
     metrics = run.metrics()
     rounds = metrics["rounds"]
     steady = rounds[1:] if len(rounds) > 1 else rounds

@@ -3,7 +3,8 @@ and ``flwr run`` against them (no simulation engine, no Ray).
 
 Each SuperNode gets ``--node-config "partition-id=i num-partitions=N budget-level=k"``, as an
 operator would set per device; the server learns each level through its query message. All
-processes are started here and stopped by PID at the end.
+processes are started here and stopped by PID at the end. The exit code is non-zero when
+``flwr run`` fails or the run's metrics.json does not say ``"status": "completed"``.
 
     python -m simulations.deploy_local --nodes 4 --set num-server-rounds=2
 """
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 
 from fedeen.budgets import level_for_partition
-from fedeen.app_config import load_config
-from simulations.flwr_local import PROJECT, flwr_env, free_port, run_config_arg
+from fedeen.app_config import check_run, load_config
+from simulations.flwr_local import PROJECT, flwr_env, free_port, run_config_arg, run_status
 from simulations.run_grid import parse_value
 
 
@@ -53,7 +54,9 @@ def deploy(overrides: dict, nodes: int, work: Path, timeout: float = 1800) -> tu
         procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=log,
                                       stderr=subprocess.STDOUT, cwd=work, start_new_session=True))
 
-    ratios = load_config(overrides).level_ratios
+    cfg = load_config(overrides)
+    check_run(cfg, nodes)  # data, out-dir and federation size, before any process starts
+    ratios = cfg.level_ratios
     try:
         start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                             "--host", "127.0.0.1", "--port", str(link_port),
@@ -95,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = parse_value(value)
     work = args.work or Path(tempfile.mkdtemp(prefix="fedeen-deploy-"))
     overrides.setdefault("out-dir", str(work / "runs"))
+    out = Path(os.path.expanduser(str(overrides["out-dir"])))
+    before = set(out.iterdir()) if out.is_dir() else set()
     t0 = time.perf_counter()
     rc, log = deploy(overrides, args.nodes, work)
     print(log)
-    print(f"deployment run finished with exit code {rc} in {time.perf_counter() - t0:.1f}s; "
-          f"logs in {work}")
-    return rc
+    new = sorted(p for p in set(out.iterdir()) - before if p.is_dir()) if out.is_dir() else []
+    status, cause = run_status(new[-1] if new else None)
+    print(f"deployment run {status} (flwr exit code {rc}) in {time.perf_counter() - t0:.1f}s"
+          f"{': ' + cause if cause else ''}; logs in {work}")
+    return rc or (0 if status == "completed" else 1)
 
 
 if __name__ == "__main__":

@@ -127,12 +127,40 @@ def stop_superlinks(flwr_home: Path, wait: float = 10.0) -> list[int]:
     return roots
 
 
+def run_status(run_dir: Path | None) -> tuple[str, str | None]:
+    """("completed", None) or ("failed", cause) as a run directory's metrics.json says; a run
+    without a readable metrics.json failed before it could write one."""
+    if run_dir is None:
+        return "failed", "the run wrote no run directory"
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return "failed", f"no readable {path} ({type(err).__name__}: {err})"
+    status = metrics.get("status", "completed")  # runs before statuses only wrote it at the end
+    return status, None if status == "completed" else metrics.get("cause", "no cause recorded")
+
+
 @dataclass
 class FlwrRun:
     returncode: int
     seconds: float
     log: str
     run_dirs: list[Path]
+
+    @property
+    def status(self) -> str:
+        """"completed" or "failed", from the run's metrics.json ("failed" without one)."""
+        return run_status(self.run_dirs[-1] if self.run_dirs else None)[0]
+
+    @property
+    def cause(self) -> str | None:
+        """Why the run failed (None if it completed), with the log's tail when the run left
+        no metrics.json to say it."""
+        status, cause = run_status(self.run_dirs[-1] if self.run_dirs else None)
+        if status == "completed":
+            return None
+        return cause if self.run_dirs else f"{cause}; log tail:\n{self.log[-3000:]}"
 
     def metrics(self) -> dict[str, Any]:
         if not self.run_dirs:
@@ -169,7 +197,7 @@ def flwr_run(overrides: dict[str, Any], out_dir: Path, flwr_home: Path, num_supe
             proc.kill()
     if time.perf_counter() - t0 >= timeout:
         lines.append(f"fedeen: flwr run killed after {timeout:.0f}s\n")
-    new = sorted(p for p in set(out_dir.iterdir()) - before if (p / "metrics.json").exists())
+    new = sorted(p for p in set(out_dir.iterdir()) - before if p.is_dir())  # even unfinished
     return FlwrRun(proc.returncode or 0, time.perf_counter() - t0, "".join(lines), new)
 
 

@@ -1,9 +1,11 @@
 """Run a grid of strategies x datasets x alphas x seeds through Flower's simulation engine.
 
-Each cell is a real ``flwr run`` (Ray) in an isolated FLWR_HOME; finished cells are appended
+Each cell is a real ``flwr run`` (Ray) in an isolated FLWR_HOME; completed cells are appended
 to ``cells.jsonl`` so an interrupted grid resumes where it stopped. The results table (mean ±
-std over exits per strategy and setting, as in the DarkDistill paper) is written as Markdown
-and CSV after every cell.
+std over exits per strategy and setting, as in the DarkDistill paper) holds completed cells
+only and is written as Markdown and CSV after every cell; failed cells (their run's
+metrics.json says ``"status": "failed"``, or there is none) are listed with their cause at the
+end, are run again next time, and make the exit code 1.
 
     python -m simulations.run_grid --experiment cifar10-cpu-vit \
         --strategies eefl,depthfl --alphas 0.1,1,1000 --seeds 1117 --out /tmp/grid
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedeen.app_config import load_config
+from fedeen.app_config import check_run, load_config
 from simulations.experiments import experiment
 from simulations.flwr_local import flwr_run, stop_superlinks
 
@@ -125,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     cells = [{"strategy": s, "dataset": d, "alpha": float(a), "seed": int(seed), "settings": digest}
              for d in datasets for a in args.alphas.split(",") for seed in args.seeds.split(",")
              for s in args.strategies.split(",")]
-    for c in cells:  # validate every cell before the first Ray start
-        load_config({**base, "strategy": c["strategy"], "dataset": c["dataset"],
-                     "alpha": c["alpha"], "seed": c["seed"]})
+    for c in cells:  # validate every cell (config, data, federation) before the first Ray start
+        check_run(load_config({**base, "strategy": c["strategy"], "dataset": c["dataset"],
+                               "alpha": c["alpha"], "seed": c["seed"],
+                               "out-dir": str(args.out.resolve() / "runs")}),
+                  args.num_supernodes)
     args.out.mkdir(parents=True, exist_ok=True)
     done_path = args.out / "cells.jsonl"
     done = load_done(done_path)
     home = args.out / "flwr-home"
     rows = list(done.values())
+    failed: list[tuple[str, str]] = []
     try:
         for i, c in enumerate(cells, start=1):
             tag = (f"[{i}/{len(cells)}] {c['strategy']} on {Path(c['dataset']).name} "
@@ -143,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tag}: running ...", flush=True)
             overrides = {**base, **{k: v for k, v in c.items() if k != "settings"}}
             run = flwr_run(overrides, args.out / "runs", home, args.num_supernodes, args.timeout)
-            try:
-                summary = summarise(run.metrics(), args.report)
-            except RuntimeError as err:
-                print(f"{tag}: FAILED (exit code {run.returncode}) after {run.seconds:.0f}s\n{err}",
-                      flush=True)
+            if run.status != "completed":
+                failed.append((tag, run.cause or "unknown"))
+                print(f"{tag}: FAILED (exit code {run.returncode}) after {run.seconds:.0f}s: "
+                      f"{run.cause}", flush=True)
                 continue
+            summary = summarise(run.metrics(), args.report)
             row = {**c, "dataset": Path(c["dataset"]).name, **summary, "wall_s": run.seconds}
             rows.append(row)
             with open(done_path, "a") as fh:
@@ -160,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         stop_superlinks(home)
     table = write_tables([{**r, "dataset": Path(r["dataset"]).name} for r in rows], args.out)
     print(table)
-    print(f"tables: {args.out / 'results.md'} and {args.out / 'results.csv'}")
+    print(f"tables: {args.out / 'results.md'} and {args.out / 'results.csv'} "
+          f"({len(rows)} completed cells)")
+    if failed:
+        print(f"{len(failed)} cell(s) FAILED (not in the tables; run again to retry):")
+        for tag, cause in failed:
+            print(f"  {tag}: {cause}")
+        return 1
     return 0
 
 

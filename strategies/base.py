@@ -23,13 +23,18 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedeen.config import RunConfig
 from fedeen.protocol import NUM_EXAMPLES, Instructions, from_record, to_record
-from fedeen.rounds import RoundObserver, RoundTimings
+from fedeen.rounds import RoundObserver, RoundTimings, RunFailed
 from models.base import SubmodelSpec
 from models.family import EENFamily
 from models.options import Options
 from models.state import State
-from models.submodel import reply_problems, scatter_mean, slice_state
+from models.submodel import (reply_problems, scale_update, scatter_mean, scatter_median,
+                             scatter_trimmed_mean, slice_state, update_norm)
 from strategies.nodes import NodeDirectory
+from strategies.replies import example_count, finite_scalars, record_layout_problem
+
+#: metrics an evaluate reply may report and their valid range
+EVAL_RANGES = {"acc-": (0.0, 1.0), "loss": (0.0, float("inf"))}
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,14 @@ class HeteroEENStrategy(Strategy):
         self._global_state: State = {}
         self.nodes = NodeDirectory(cfg.seed, cfg.num_levels)
         self.rejected: dict[int, list[str]] = {}
+        # this round's messages: node -> level sent, and the nodes that already replied
         self._sent: dict[int, int] = {}
+        self._replied: set[int] = set()
+        self._sent_eval: dict[int, int] = {}
+        self._replied_eval: set[int] = set()
         self._last_record: ArrayRecord | None = None
         self._step_seconds = 0.0
-        self._last_train_updates: list[ClientUpdate] = []
+        self._train_seconds: list[float] = []
 
     # ------------------------------------------------------------------ the global state
     @property
@@ -120,8 +129,18 @@ class HeteroEENStrategy(Strategy):
             lr=self.cfg.lr * self.cfg.lr_decay ** (server_round - 1))
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
-        """Every element averaged over the replies that hold it, weighted by examples."""
-        return scatter_mean(self.global_state, ((u.state, u.num_examples) for u in updates))
+        """Every element averaged over the replies that hold it (``average``)."""
+        return self.average(self.global_state, updates)
+
+    def average(self, base: Mapping[str, np.ndarray], updates: list[ClientUpdate]) -> State:
+        """The ``aggregation`` of the run over the replies holding each element of ``base``:
+        the mean weighted by examples (default), or the unweighted coordinate-wise median or
+        trimmed mean; elements nobody holds keep ``base``'s value."""
+        if self.cfg.aggregation == "median":
+            return scatter_median(base, [u.state for u in updates])
+        if self.cfg.aggregation == "trimmed-mean":
+            return scatter_trimmed_mean(base, [u.state for u in updates], self.cfg.trim_fraction)
+        return scatter_mean(base, ((u.state, u.num_examples) for u in updates))
 
     def server_step(self, server_round: int, state: State, updates: list[ClientUpdate]
                     ) -> tuple[State, dict[str, float]]:
@@ -134,9 +153,23 @@ class HeteroEENStrategy(Strategy):
         the submodel of that depth}. None by default (InclusiveFL: each level's own model)."""
         return {}
 
+    def expected_records(self, num_examples: int) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """Extra array records a train reply of ``num_examples`` examples must carry: record
+        name -> {array name: (shape, dtype kinds)}; none by default. Anything else is refused."""
+        return {}
+
     def record_problems(self, update: ClientUpdate) -> str | None:
         """Why a reply's extra records are unusable (None if they are fine or unused)."""
         return None
+
+    def server_snapshot(self) -> Any:
+        """Server-side state that ``server_step`` changes besides the global model, copied, so
+        that a step whose result is not finite can be undone; None by default."""
+        return None
+
+    def restore_server_snapshot(self, snapshot: Any, state: State) -> None:
+        """Undo a discarded ``server_step``: restore ``snapshot``; ``state`` is the aggregated
+        state the round keeps instead."""
 
     def extra_central_metrics(self, logits: list, y: Any) -> dict[str, float]:
         """Method-specific central metrics from every exit's test logits (none by default)."""
@@ -171,47 +204,91 @@ class HeteroEENStrategy(Strategy):
                                 **self.instructions(server_round, level).to_config()})
             content = RecordDict({"arrays": to_record(self.arrays_for(node, level)), "config": cfg})
             msgs.append(Message(content=content, message_type=message_type, dst_node_id=node))
-            self._sent[node] = level
         return msgs
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sync_global(arrays)
-        return self._messages(grid, server_round, self.cfg.fraction_train, config,
+        msgs = self._messages(grid, server_round, self.cfg.fraction_train, config,
                               MessageType.TRAIN)
+        self._sent = {m.metadata.dst_node_id: self.nodes.levels[m.metadata.dst_node_id]
+                      for m in msgs}
+        self._replied = set()
+        return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if self.cfg.fraction_evaluate <= 0:
             return []
         self._sync_global(arrays)
-        return self._messages(grid, server_round, self.cfg.fraction_evaluate, config,
+        msgs = self._messages(grid, server_round, self.cfg.fraction_evaluate, config,
                               MessageType.EVALUATE)
+        self._sent_eval = {m.metadata.dst_node_id: self.nodes.levels[m.metadata.dst_node_id]
+                           for m in msgs}
+        self._replied_eval = set()
+        return msgs
 
+    # ------------------------------------------------------------------ replies (untrusted)
     def validate_reply(self, msg: Message) -> ClientUpdate | str:
-        """The reply as a ClientUpdate, or why it is rejected."""
+        """The train reply as a ClientUpdate, or why it is rejected. Any exception while
+        reading it is the reply's fault and becomes a rejection."""
+        try:
+            return self._read_train_reply(msg)
+        except Exception as err:  # noqa: BLE001
+            return f"unreadable reply ({type(err).__name__}: {err})"
+
+    @staticmethod
+    def first_reply_problem(msg: Message, sent: Mapping[int, int], replied: set[int]) -> str | None:
+        """Why ``msg`` is not the first, error-free reply of a node that was asked this round
+        (and marks its node as having replied)."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             return f"client error: {msg.error.reason}"
-        if node not in self._sent:
-            return "reply from a node that was not sent a model"
+        if node not in sent:
+            return "reply from a node that was not asked this round"
+        if node in replied:
+            return "a second reply from this node in this round"
+        replied.add(node)
+        return None
+
+    def _read_train_reply(self, msg: Message) -> ClientUpdate | str:
+        node = msg.metadata.src_node_id
+        problem = self.first_reply_problem(msg, self._sent, self._replied)
+        if problem:
+            return problem
         content = msg.content
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return "reply lacks its 'arrays' or 'metrics' record"
-        metrics = dict(content["metrics"])
-        n = metrics.get(NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or n <= 0:
-            return f"{NUM_EXAMPLES} must be a positive number, got {n!r}"
+        if set(content.metric_records) != {"metrics"} or "arrays" not in content.array_records:
+            return "a train reply needs one 'metrics' record and an 'arrays' record"
+        n = example_count(content["metrics"].get(NUM_EXAMPLES), self.nodes.train_examples.get(node))
+        if isinstance(n, str):
+            return n
         level = self._sent[node]
         spec = self.level_spec(level)
+        shapes = self.family.shapes(spec)
+        dtypes = {k: self.global_state[k].dtype for k in shapes}
+        problem = record_layout_problem(content["arrays"], {k: (s, dtypes[k].kind)
+                                                            for k, s in shapes.items()})
+        if problem:
+            return f"arrays: {problem}"
+        expected = self.expected_records(n)
+        extra = set(content.array_records) - {"arrays"}
+        if extra != set(expected) or content.config_records:
+            return (f"records {sorted(extra | set(content.config_records))} where "
+                    f"{sorted(expected)} are expected")
+        for name, layout in expected.items():
+            problem = record_layout_problem(content[name], layout)
+            if problem:
+                return f"{name}: {problem}"
         state = from_record(content["arrays"])
-        dtypes = {k: self.global_state[k].dtype for k in self.family.shapes(spec)}
-        problems = reply_problems(state, self.family.shapes(spec), dtypes)
+        problems = reply_problems(state, shapes, dtypes)
         if problems:
             return "; ".join(problems[:5])
-        records = {name: from_record(rec) for name, rec in content.array_records.items()
-                   if name != "arrays"}
-        update = ClientUpdate(node, level, spec, state, int(n), metrics, records)
+        metrics, dropped = finite_scalars(dict(content["metrics"]))
+        if dropped:
+            log(logging.WARNING, "node %s: metrics %s are not finite scalars; not aggregated",
+                node, dropped)
+        records = {name: from_record(content[name]) for name in expected}
+        update = ClientUpdate(node, level, spec, state, n, metrics, records)
         return self.record_problems(update) or update
 
     def collect(self, replies: Iterable[Message]) -> list[ClientUpdate]:
@@ -219,22 +296,52 @@ class HeteroEENStrategy(Strategy):
         for msg in replies:
             result = self.validate_reply(msg)
             if isinstance(result, str):
-                node = msg.metadata.src_node_id
-                self.rejected.setdefault(node, []).append(result)
-                log(logging.WARNING, "rejected reply from node %s: %s", node, result)
+                self.reject(msg.metadata.src_node_id, result)
             else:
                 updates.append(result)
         # arrival order varies between runs; the server's float sums and draws must not
-        return sorted(updates, key=lambda u: (u.level, self.nodes.key(u.node_id)))
+        updates = sorted(updates, key=lambda u: (u.level, self.nodes.key(u.node_id)))
+        return self.bound_updates(updates)
+
+    def reject(self, node: int, why: str) -> None:
+        self.rejected.setdefault(node, []).append(why)
+        log(logging.WARNING, "rejected reply from node %s: %s", node, why)
+
+    def bound_updates(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """With ``update-norm-bound`` b > 0: every update whose norm (from the model its node
+        was sent) exceeds b times the round's median update norm is scaled down to that."""
+        bound = self.cfg.update_norm_bound
+        if bound <= 0 or len(updates) < 2:
+            return updates
+        sent = [self.arrays_for(u.node_id, u.level) for u in updates]
+        norms = [update_norm(u.state, ref) for u, ref in zip(updates, sent)]
+        limit = bound * float(np.median(norms))
+        for u, ref, norm in zip(updates, sent, norms):
+            if norm > limit > 0:
+                log(logging.WARNING, "node %s: update norm %.3g scaled to %.3g (%g x median)",
+                    u.node_id, norm, limit, bound)
+                u.state = scale_update(u.state, ref, limit / norm)
+        return updates
 
     def aggregate_updates(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, Any]:
         """Aggregate validated updates, run the server step and install the new global state
-        (the one place it is written during a run); returns the server-side metrics."""
+        (the one place it is written during a run); returns the server-side metrics. A server
+        step whose result is not finite is discarded: the round keeps the aggregated state."""
         before = self.global_state
         aggregated = self.aggregate(server_round, updates)
+        snapshot = self.server_snapshot()
         t0 = time.perf_counter()
         new_state, metrics = self.server_step(server_round, aggregated, updates)
         self._step_seconds = time.perf_counter() - t0
+        bad = [k for k, v in new_state.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            log(logging.WARNING, "round %d: the server step produced non-finite values in %d "
+                "tensors (e.g. %s); discarded, the round keeps the aggregated model",
+                server_round, len(bad), bad[:3])
+            self.restore_server_snapshot(snapshot, aggregated)
+            new_state = aggregated
+            metrics = {**{k: v for k, v in metrics.items() if np.isfinite(v)},
+                       "server-step-discarded": 1}
         self._global_state = new_state
         return {**metrics, "global-rel-change": relative_change(before, new_state)}
 
@@ -242,19 +349,44 @@ class HeteroEENStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         updates = self.collect(replies)
-        self._last_train_updates = updates
+        self._train_seconds = [u.metrics.get("train-seconds", 0.0) for u in updates]
         metrics: dict[str, Any] = {"clients-ok": len(updates),
                                    "clients-failed": len(replies) - len(updates)}
         if not updates:
             return None, MetricRecord(metrics)
         metrics.update(self.aggregate_updates(server_round, updates))
         total = sum(u.num_examples for u in updates)
-        metrics["train-loss"] = sum(float(u.metrics.get("train-loss", 0.0)) * u.num_examples
+        metrics["train-loss"] = sum(u.metrics.get("train-loss", 0.0) * u.num_examples
                                     for u in updates) / total
         metrics[NUM_EXAMPLES] = total
         record = to_record(self.global_state)
         self._last_record = record
         return record, MetricRecord(metrics)
+
+    def _read_eval_reply(self, msg: Message) -> tuple[int, dict[str, float]] | str | None:
+        """(examples, metrics) of an evaluate reply, None for a node with nothing to
+        evaluate, or why it is rejected."""
+        node = msg.metadata.src_node_id
+        problem = self.first_reply_problem(msg, self._sent_eval, self._replied_eval)
+        if problem:
+            return problem
+        if "metrics" not in msg.content.metric_records:
+            return "an evaluate reply needs a 'metrics' record"
+        metrics = dict(msg.content["metrics"])
+        if metrics.get(NUM_EXAMPLES) == 0 and len(metrics) == 1:
+            return None
+        n = example_count(metrics.pop(NUM_EXAMPLES, None), self.nodes.eval_examples.get(node))
+        if isinstance(n, str):
+            return n
+        kept, dropped = finite_scalars(metrics)
+        if dropped:
+            return f"metrics {dropped} are not finite scalars"
+        for key, value in kept.items():
+            low, high = next((r for p, r in EVAL_RANGES.items() if key.startswith(p)),
+                             (-np.inf, np.inf))
+            if not low <= value <= high:
+                return f"{key} = {value!r} is outside [{low}, {high}]"
+        return n, kept
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -262,17 +394,22 @@ class HeteroEENStrategy(Strategy):
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content.metric_records:
+            try:
+                result = self._read_eval_reply(msg)
+            except Exception as err:  # noqa: BLE001 - the reply's fault, not the server's
+                result = f"unreadable reply ({type(err).__name__}: {err})"
+            if isinstance(result, str):
+                self.reject(msg.metadata.src_node_id, result)
                 continue
-            m = dict(msg.content["metrics"])
-            n = float(m.get(NUM_EXAMPLES, 0))
-            for k, v in m.items():
-                if k != NUM_EXAMPLES and isinstance(v, (int, float)):
-                    sums[k] = sums.get(k, 0.0) + n * float(v)
-                    weights[k] = weights.get(k, 0.0) + n
+            if result is None:
+                continue
+            n, metrics = result
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + n * v
+                weights[k] = weights.get(k, 0.0) + n
         if not sums:
             return None
-        return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+        return MetricRecord({k: sums[k] / weights[k] for k in sums})
 
     def summary(self) -> None:
         log(logging.INFO, "%s: %d budget levels %s, objective %s, model %s", self.name,
@@ -292,6 +429,7 @@ class HeteroEENStrategy(Strategy):
         evaluate_config = evaluate_config or ConfigRecord()
         result = Result()
         arrays = initial_arrays
+        idle_rounds: list[int] = []  # consecutive rounds without an accepted reply
         if evaluate_fn and first_round == 1:
             res = evaluate_fn(0, arrays)
             if res is not None:
@@ -305,6 +443,9 @@ class HeteroEENStrategy(Strategy):
             t2 = time.perf_counter()
             self._step_seconds = 0.0
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            idle_rounds = idle_rounds + [rnd] if new_arrays is None else []
+            if len(idle_rounds) >= self.cfg.max_failed_rounds:
+                raise RunFailed(self.idle_cause(idle_rounds))
             t3 = time.perf_counter()
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
@@ -322,7 +463,7 @@ class HeteroEENStrategy(Strategy):
             if central is not None:
                 result.evaluate_metrics_serverapp[rnd] = central
             t5 = time.perf_counter()
-            train_secs = [float(u.metrics.get("train-seconds", 0.0)) for u in self._last_train_updates]
+            train_secs = self._train_seconds
             t.configure, t.clients = t1 - t_start, t2 - t1
             t.server_step = self._step_seconds
             t.aggregate = t3 - t2 - t.server_step
@@ -331,4 +472,12 @@ class HeteroEENStrategy(Strategy):
             t.client_train_sum = sum(train_secs)
             observer.round_done(rnd, dict(central) if central is not None else None,
                                 dict(train_metrics or {}), dict(eval_metrics or {}), t, self)
+        if idle_rounds and idle_rounds[0] == first_round:
+            raise RunFailed(self.idle_cause(idle_rounds))  # not one round trained anything
         return result
+
+    def idle_cause(self, rounds: list[int]) -> str:
+        reasons = sorted({why for whys in self.rejected.values() for why in whys[-1:]})
+        return (f"no client reply was accepted in rounds {rounds[0]}..{rounds[-1]} "
+                f"(max-failed-rounds = {self.cfg.max_failed_rounds}); last rejections: "
+                f"{'; '.join(reasons[:5]) or 'none (no node was sampled)'}")

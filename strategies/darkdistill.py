@@ -67,7 +67,7 @@ from models.state import State, module_state, to_state, to_tensors
 from models.submodel import scatter_mean, slice_state
 from strategies.base import ClientUpdate, relative_change
 from strategies.generator_kd import (GeneratorKDOptions, GeneratorKDStrategy, Means, clip_grads,
-                                     level_fedavg, server_model)
+                                     server_model)
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
 from strategies.routing import route_batch, routed_ce
@@ -203,24 +203,39 @@ class DarkDistill(GeneratorKDStrategy):
         return self.level_model(level)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> State:
-        """FedAvg within each level; the global model changes only in ``server_step``."""
+        """FedAvg within each level (the level models the reverse KD works on); returns their
+        segment merge without KD, which the round keeps if the server step is discarded."""
         self.record_uploads(updates)
         for k in sorted({u.level for u in updates}):
-            self.level_models[k] = level_fedavg(self.level_model(k),
-                                                [u for u in updates if u.level == k])
-        return self.global_state
+            self.level_models[k] = self.level_fedavg(self.level_model(k),
+                                                     [u for u in updates if u.level == k])
+        for k in self.levels:
+            self.level_model(k)
+        merged, _ = merge_levels(self.global_state, self.level_models, self.level_examples,
+                                 self.level_shapes)
+        return merged
+
+    def level_shapes(self, level: int) -> dict[str, tuple[int, ...]]:
+        return self.family.shapes(self.level_spec(level))
+
+    def server_snapshot(self) -> Any:
+        return {**super().server_snapshot(), "level_models": dict(self.level_models)}
+
+    def restore_server_snapshot(self, snapshot: Any, state: State) -> None:
+        """Generators back as they were; every level model becomes its slice of ``state``
+        (the merge of the pre-KD level models)."""
+        super().restore_server_snapshot(snapshot, state)
+        self.level_models = {k: slice_state(state, self.level_shapes(k))
+                             for k in snapshot["level_models"]}
 
     def server_step(self, server_round: int, state: State, updates: list[ClientUpdate]
                     ) -> tuple[State, dict[str, float]]:
         """Generators and reverse KD on the level models, then the segment merge."""
         metrics: dict[str, float] = {}
-        for k in self.levels:
-            self.level_model(k)
         if self.options.reverse_kd:
             metrics = self.distill(server_round)
         merged, self.level_models = merge_levels(
-            state, self.level_models, self.level_examples,
-            lambda k: self.family.shapes(self.level_spec(k)))
+            state, self.level_models, self.level_examples, self.level_shapes)
         return merged, metrics
 
     # ------------------------------------------------------------------ generators and KD

@@ -49,7 +49,7 @@ from models.options import Options, group, option
 from models.state import State, module_state
 from strategies.base import ClientUpdate
 from strategies.generator_kd import (GeneratorKDOptions, GeneratorKDStrategy, Means, clip_grads,
-                                     level_fedavg, server_model)
+                                     server_model)
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
 
@@ -108,7 +108,7 @@ class DarkDistillPL(GeneratorKDStrategy):
         self.teachers = {}
         for k in sorted({u.level for u in updates}):
             level = [u for u in updates if u.level == k]
-            self.teachers[k] = level_fedavg(level[0].state, level)
+            self.teachers[k] = self.level_fedavg(level[0].state, level)
         return super().aggregate(server_round, updates)
 
     def server_step(self, server_round: int, state: State, updates: list[ClientUpdate]

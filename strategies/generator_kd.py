@@ -5,6 +5,7 @@ server's device and seeded randomness, and the options both read (``darkdistill-
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -21,7 +22,6 @@ from models.family import EENFamily
 from models.generator import LatentGenerator
 from models.options import Options, option
 from models.state import State, load_state, to_cpu, to_state, to_tensors
-from models.submodel import scatter_mean
 from strategies.base import ClientUpdate, HeteroEENStrategy
 
 
@@ -41,6 +41,11 @@ class GeneratorKDOptions(Options):
     kd_angle_ratio: float = option(10.0, lambda v: v >= 0, "must be >= 0")  # kd_angle_ratio
     #: gradient-norm clip of server KD steps (0 = off); no source, see the method pages
     kd_max_grad_norm: float = option(5.0, lambda v: v >= 0, "must be >= 0 (0 = off)")
+
+
+#: largest difficulty (exit-1 cross-entropy, in nats) a client may report: far above any real
+#: value (log of the class count at chance, about 2.3 for 10 classes; tens when very wrong)
+MAX_DIFFICULTY = 100.0
 
 
 def server_model(family: EENFamily, spec: SubmodelSpec, state: Mapping[str, np.ndarray],
@@ -67,11 +72,6 @@ def examples_per_level(updates: Iterable[ClientUpdate]) -> dict[int, int]:
     for u in updates:
         n[u.level] += u.num_examples
     return dict(n)
-
-
-def level_fedavg(base: Mapping[str, np.ndarray], updates: Iterable[ClientUpdate]) -> State:
-    """FedAvg of one level's uploads (every one holds all of ``base``'s tensors)."""
-    return scatter_mean(base, ((u.state, u.num_examples) for u in updates))
 
 
 class Means:
@@ -113,19 +113,49 @@ class GeneratorKDStrategy(HeteroEENStrategy):
         self.conditions: dict[int, dict[str, np.ndarray]] = {}
         self.level_examples: dict[int, int] = {}
 
+    def expected_records(self, num_examples: int) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """One (label, difficulty) pair per training example."""
+        return {DIFFICULTY_RECORD: {"labels": ((num_examples,), "iu"),
+                                    "difficulty": ((num_examples,), "f")}}
+
     def record_problems(self, update: ClientUpdate) -> str | None:
-        """The uploaded (label, difficulty) record must describe the client's training set."""
+        """The uploaded (label, difficulty) record must describe the client's training set:
+        one pair per example, labels in range, difficulties finite (as float32, the type the
+        server computes in) and within [0, MAX_DIFFICULTY]."""
         rec = update.records.get(DIFFICULTY_RECORD)
         if rec is None:
             return f"reply lacks its {DIFFICULTY_RECORD!r} record"
         labels, diff = rec.get("labels"), rec.get("difficulty")
         if labels is None or diff is None or labels.shape != diff.shape or labels.ndim != 1:
             return f"{DIFFICULTY_RECORD!r} record needs equally long 1-d 'labels' and 'difficulty'"
-        if labels.dtype.kind not in "iu" or not np.isfinite(diff).all():
+        if len(labels) != update.num_examples:
+            return (f"{DIFFICULTY_RECORD!r} record has {len(labels)} pairs for "
+                    f"{update.num_examples} examples")
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff32 = diff.astype(np.float32)
+        if labels.dtype.kind not in "iu" or not np.isfinite(diff32).all():
             return f"{DIFFICULTY_RECORD!r} record has non-integer labels or non-finite difficulties"
+        if len(diff32) and (diff32.min() < 0 or diff32.max() > MAX_DIFFICULTY):
+            return (f"{DIFFICULTY_RECORD!r} record has difficulties outside [0, {MAX_DIFFICULTY}] "
+                    f"(min {diff32.min():.3g}, max {diff32.max():.3g})")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.family.cfg.num_classes):
             return f"{DIFFICULTY_RECORD!r} record has labels outside 0..{self.family.cfg.num_classes - 1}"
         return None
+
+    def level_fedavg(self, base: Mapping[str, np.ndarray], updates: list[ClientUpdate]) -> State:
+        """The average of one level's uploads (``average``: FedAvg by default)."""
+        return self.average(base, updates)
+
+    def server_snapshot(self) -> Any:
+        """Generators and their optimisers, copied (a discarded step must not train them)."""
+        return {"generators": {k: copy.deepcopy(g.state_dict()) for k, g in self.generators.items()},
+                "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.gen_opts.items()}}
+
+    def restore_server_snapshot(self, snapshot: Any, state: State) -> None:
+        for k, sd in snapshot["generators"].items():
+            self.generators[k].load_state_dict(sd)
+        for k, sd in snapshot["optimizers"].items():
+            self.gen_opts[k].load_state_dict(sd)
 
     @property
     def levels(self) -> range:

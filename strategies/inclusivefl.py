@@ -49,7 +49,7 @@ import torch
 from fedeen.config import RunConfig
 from models.options import Options, option
 from models.state import State
-from models.submodel import ElementwiseMean, scatter_mean, slice_state
+from models.submodel import ElementwiseMean, slice_state
 from strategies.base import ClientUpdate, HeteroEENStrategy
 from strategies.registry import register
 
@@ -151,7 +151,7 @@ class InclusiveFL(HeteroEENStrategy):
         shared = ElementwiseMean(self.global_state)
         for level in sorted(groups, reverse=True):
             old = self.level_state(level)
-            avg = scatter_mean(old, ((u.state, u.num_examples) for u in groups[level]))
+            avg = self.average(old, groups[level])
             delta = {k: old[k].astype(np.float64) - avg[k] for k in old if k in self.param_keys}
             if level + 1 in deltas:
                 for k, mom in self.momentum(level, deltas[level + 1], delta).items():

@@ -16,7 +16,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedeen.protocol import QUERY_LEVEL, QUERY_PARTITION
+from fedeen.protocol import QUERY_EVAL_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION, QUERY_TRAIN_EXAMPLES
+from strategies.replies import query_answer
 
 NODE_WAIT_SECONDS = 600.0
 
@@ -28,6 +29,9 @@ class NodeDirectory:
         self.num_levels = num_levels
         self.levels: dict[int, int] = {}
         self.keys: dict[int, int] = {}
+        #: examples each node declared it holds (train, evaluation): bounds on its replies
+        self.train_examples: dict[int, int] = {}
+        self.eval_examples: dict[int, int] = {}
         self.rng = random.Random(seed)
 
     def key(self, node: int) -> int:
@@ -40,20 +44,38 @@ class NodeDirectory:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord({"query": QUERY_LEVEL})}),
                         message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        asked = set(unknown)
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(logging.WARNING, "node %s did not report its budget level: %s", node,
-                    reply.error.reason)
+            answer = self._read_answer(reply) if node in asked else "it was not asked"
+            if isinstance(answer, str):
+                log(logging.WARNING, "node %s: no usable budget-level answer (%s); it is not "
+                    "sampled until it answers", node, answer)
                 continue
-            level = int(reply.content["metrics"][QUERY_LEVEL])
-            if not 1 <= level <= self.num_levels:
-                log(logging.WARNING, "node %s reported budget level %s outside 1..%s; ignored",
-                    node, level, self.num_levels)
-                continue
+            asked.discard(node)  # one answer per node
+            level, key, train_n, eval_n = answer
             self.levels[node] = level
-            key = int(reply.content["metrics"].get(QUERY_PARTITION, -1))
-            self.keys[node] = key if key >= 0 else node
+            self.keys[node] = key if key is not None else node
+            self.train_examples[node], self.eval_examples[node] = train_n, eval_n
+
+    def _read_answer(self, reply: Message) -> tuple[int, int | None, int, int] | str:
+        try:
+            if reply.has_error():
+                return f"client error: {reply.error.reason}"
+            if "metrics" not in reply.content.metric_records:
+                return "the answer lacks its 'metrics' record"
+            metrics = dict(reply.content["metrics"])
+            level = query_answer(metrics, self.num_levels, QUERY_LEVEL, QUERY_PARTITION,
+                                 QUERY_TRAIN_EXAMPLES)
+            evals = query_answer(metrics, self.num_levels, QUERY_LEVEL, QUERY_PARTITION,
+                                 QUERY_EVAL_EXAMPLES)
+        except Exception as err:  # noqa: BLE001 - an unreadable answer is the node's fault
+            return f"unreadable answer ({type(err).__name__}: {err})"
+        if isinstance(level, str) or isinstance(evals, str):
+            return level if isinstance(level, str) else evals
+        if level[2] is None or evals[2] is None:
+            return f"the answer lacks {QUERY_TRAIN_EXAMPLES} or {QUERY_EVAL_EXAMPLES}"
+        return level[0], level[1], level[2], evals[2]
 
     def wait_for(self, grid: Grid, min_nodes: int, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
         """The connected nodes, once at least ``min_nodes`` are (error after ``timeout``)."""
@@ -87,9 +109,12 @@ class NodeDirectory:
 
     def state_dict(self) -> dict[str, Any]:
         return {"node_levels": dict(self.levels), "node_keys": dict(self.keys),
-                "rng": self.rng.getstate()}
+                "train_examples": dict(self.train_examples),
+                "eval_examples": dict(self.eval_examples), "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.levels = dict(state["node_levels"])
         self.keys = dict(state.get("node_keys", {}))
+        self.train_examples = dict(state.get("train_examples", {}))
+        self.eval_examples = dict(state.get("eval_examples", {}))
         self.rng.setstate(state["rng"])

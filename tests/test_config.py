@@ -1,16 +1,19 @@
 """The run config: defaults in one place, every key typed and checked, errors that name the
 key and the valid choices."""
 import dataclasses
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import strategies
-from fedeen.app_config import default_run_config, load_config
+from fedeen.app_config import check_run, default_run_config, load_config
 from fedeen.config import ConfigError, RunConfig, core_fields
 from models import registry as model_registry
 from models.options import key_for
@@ -126,3 +129,52 @@ def test_options_are_typed_fields():
     assert options.shared.kd_lr == 0.1 and options.server_epochs == 3
     assert cfg.as_run_config()["darkdistill-kd-lr"] == 0.1
     assert RunConfig().options_of(model_registry.get("vit").options).dim == 192
+
+
+def one_class_npz(tmp_path):
+    path = tmp_path / "one-class" / "data.npz"
+    path.parent.mkdir()
+    np.savez(path, images=np.zeros((30, 1, 8, 8), np.uint8), labels=np.zeros(30, np.int64))
+    return str(path.parent)
+
+
+def text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a dataset\n")
+    return str(path)
+
+
+def unwritable(tmp_path):
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o500)
+    return str(path / "runs") if os.geteuid() != 0 else "/proc/fedeen-runs"
+
+
+#: (run config or a function of tmp_path giving extra keys, nodes, words of the error)
+RUN_CASES = {
+    "exit-p inf": ({"exit-p": float("inf")}, None, "exit-p = inf must be a finite number"),
+    "weight-decay inf": ({"weight-decay": float("inf")}, None, "finite"),
+    "lr inf": ({"lr": float("inf")}, None, "finite"),
+    "seed -1": ({"seed": -1}, None, "seed = -1"),
+    "cuda without a GPU": ({"device": "cuda"}, None, "no CUDA device"),
+    "one class": (lambda t: {"dataset": one_class_npz(t)}, 4, "1 class"),
+    "not a dataset": (lambda t: {"dataset": text_file(t)}, 4, "cannot be read as a dataset"),
+    "out-dir not writable": (lambda t: {"out-dir": unwritable(t)}, 4, "not writable"),
+    "more nodes than samples (iid)": ({"partitioner": "iid"}, 5000, "needs at least 5000"),
+    "more nodes than samples (dirichlet)": ({}, 1000, "needs at least 2000"),
+    "natural column missing": ({"partitioner": "natural", "natural-id": "writer"}, 4,
+                               "natural-id column 'writer'"),
+    "min-nodes above the federation": ({"min-nodes": 9}, 4, "min-nodes = 9"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_CASES)
+def test_a_run_that_would_fail_later_fails_before_training(case, tmp_path):
+    rc, nodes, needle = RUN_CASES[case]
+    rc = rc(tmp_path) if callable(rc) else rc
+    if "cuda" in case and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError) as err:
+        check_run(load_config({**rc}), nodes)
+    assert needle in str(err.value)

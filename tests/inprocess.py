@@ -1,5 +1,6 @@
 """In-process stand-ins shared by the tests: a Grid whose messages go straight to the
-ClientApp, and a strategy built and initialised from a run config.
+ClientApp, a strategy built and initialised from a run config, and a Grid that lets one node
+send hostile replies.
 
 They let unit tests drive a strategy through whole rounds with real client code and no Ray,
 and fake individual replies (broken, hostile) where a test needs them.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+import numpy as np
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
+                      MetricRecord, RecordDict)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedeen.app_config import build_strategy, family_for, load_config
@@ -76,3 +79,66 @@ def instructions(values: dict | None = None) -> Instructions:
     base = Instructions(server_round=1, num_rounds=1, level=1, depth=1, width=1.0,
                         objective="sum_ce", lr=0.1).to_config()
     return Instructions.from_config({**base, **(values or {})})
+
+
+# ---------------------------------------------------------------------- hostile replies
+class HostileGrid(InProcessGrid):
+    """Node 0's first reply of ``kind`` goes through ``tamper(reply, original) -> replies``."""
+
+    def __init__(self, rc, tamper, kind=MessageType.TRAIN):
+        super().__init__(rc, 4)
+        self.hostile, self.kind, self.done = tamper, kind, False
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout)
+        out = []
+        for msg, reply in zip(messages, replies):
+            if (not self.done and msg.metadata.message_type == self.kind
+                    and msg.metadata.dst_node_id == self.node_ids[0]):
+                self.done = True
+                out += self.hostile(reply, msg)
+            else:
+                out.append(reply)
+        return out
+
+
+def rebuild(reply: Message, original: Message, arrays=None, metrics=None, **records) -> Message:
+    """A reply to ``original`` with ``reply``'s records, some replaced (None drops one)."""
+    content = {name: reply.content[name] for name in reply.content}
+    content.update({k: v for k, v in (("arrays", arrays), ("metrics", metrics)) if v is not None})
+    content.update(records)
+    return Message(RecordDict({k: v for k, v in content.items() if v is not None}),
+                   reply_to=original)
+
+
+def with_metric(**changes):
+    def tamper(reply, original):
+        metrics = dict(reply.content["metrics"])
+        metrics.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return [rebuild(reply, original, metrics=MetricRecord(metrics))]
+    return tamper
+
+
+def with_arrays(edit):
+    def tamper(reply, original):
+        arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+        edit(arrays)
+        return [rebuild(reply, original, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))]
+    return tamper
+
+
+def first_matrix(arrays):
+    return next(k for k, v in arrays.items() if v.dtype.kind == "f" and v.ndim > 1)
+
+
+def set_matrix(value=None, shape=None, dtype=None):
+    def edit(arrays):
+        key = first_matrix(arrays)
+        if value is not None:
+            arrays[key] = np.full_like(arrays[key], value)
+        if shape is not None:
+            arrays[key] = arrays[key][:1]
+        if dtype is not None:
+            arrays[key] = arrays[key].astype(dtype)
+    return edit

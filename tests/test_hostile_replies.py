@@ -12,74 +12,13 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageT
                       RecordDict)
 
 from fedeen.protocol import DIFFICULTY_RECORD, QUERY_LEVEL, to_record
-from inprocess import InProcessGrid, make_strategy, train_round
+from inprocess import (HostileGrid, InProcessGrid, first_matrix, make_strategy, rebuild, set_matrix,
+                       train_round, with_arrays, with_metric)
 
 FAST = {"num-server-rounds": 1, "max-samples-per-client": 40, "max-test-samples": 40}
 DD = {**FAST, "strategy": "darkdistill", "darkdistill-server-epochs": 1, "image-size": 16}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class HostileGrid(InProcessGrid):
-    """Node 0's first reply of ``kind`` goes through ``tamper(reply, original) -> replies``."""
-
-    def __init__(self, rc, tamper, kind=MessageType.TRAIN):
-        super().__init__(rc, 4)
-        self.hostile, self.kind, self.done = tamper, kind, False
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout)
-        out = []
-        for msg, reply in zip(messages, replies):
-            if (not self.done and msg.metadata.message_type == self.kind
-                    and msg.metadata.dst_node_id == self.node_ids[0]):
-                self.done = True
-                out += self.hostile(reply, msg)
-            else:
-                out.append(reply)
-        return out
-
-
-def rebuild(reply: Message, original: Message, arrays=None, metrics=None, **records) -> Message:
-    """A reply to ``original`` with ``reply``'s records, some replaced (None drops one)."""
-    content = {name: reply.content[name] for name in reply.content}
-    content.update({k: v for k, v in (("arrays", arrays), ("metrics", metrics)) if v is not None})
-    content.update(records)
-    return Message(RecordDict({k: v for k, v in content.items() if v is not None}),
-                   reply_to=original)
-
-
-def with_metric(**changes):
-    def tamper(reply, original):
-        metrics = dict(reply.content["metrics"])
-        metrics.update({k.replace("_", "-"): v for k, v in changes.items()})
-        return [rebuild(reply, original, metrics=MetricRecord(metrics))]
-    return tamper
-
-
-def with_arrays(edit):
-    def tamper(reply, original):
-        arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
-        edit(arrays)
-        return [rebuild(reply, original, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))]
-    return tamper
-
-
-def first_matrix(arrays):
-    return next(k for k, v in arrays.items() if v.dtype.kind == "f" and v.ndim > 1)
-
-
-def set_matrix(value=None, shape=None, dtype=None):
-    def edit(arrays):
-        key = first_matrix(arrays)
-        if value is not None:
-            arrays[key] = np.full_like(arrays[key], value)
-        if shape is not None:
-            arrays[key] = arrays[key][:1]
-        if dtype is not None:
-            arrays[key] = arrays[key].astype(dtype)
-    return edit
 
 
 def oversized_payload(reply, original):

@@ -3,9 +3,10 @@ hand-computed numbers and against a client that sends huge, finite weights."""
 import numpy as np
 import pytest
 
-from inprocess import make_strategy, train_round
+from inprocess import HostileGrid, make_strategy, set_matrix, train_round, with_arrays
 from models.submodel import scale_update, scatter_median, scatter_trimmed_mean, update_norm
-from test_hostile_replies import FAST, HostileGrid, set_matrix, with_arrays
+
+FAST = {"num-server-rounds": 1, "max-samples-per-client": 40, "max-test-samples": 40}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -207,7 +207,7 @@ class DarkDistill(GeneratorKDStrategy):
         segment merge without KD, which the round keeps if the server step is discarded."""
         self.record_uploads(updates)
         for k in sorted({u.level for u in updates}):
-            self.level_models[k] = self.level_fedavg(self.level_model(k),
+            self.level_models[k] = self.average(self.level_model(k),
                                                      [u for u in updates if u.level == k])
         for k in self.levels:
             self.level_model(k)

@@ -108,7 +108,7 @@ class DarkDistillPL(GeneratorKDStrategy):
         self.teachers = {}
         for k in sorted({u.level for u in updates}):
             level = [u for u in updates if u.level == k]
-            self.teachers[k] = self.level_fedavg(level[0].state, level)
+            self.teachers[k] = self.average(level[0].state, level)
         return super().aggregate(server_round, updates)
 
     def server_step(self, server_round: int, state: State, updates: list[ClientUpdate]

@@ -142,10 +142,6 @@ class GeneratorKDStrategy(HeteroEENStrategy):
             return f"{DIFFICULTY_RECORD!r} record has labels outside 0..{self.family.cfg.num_classes - 1}"
         return None
 
-    def level_fedavg(self, base: Mapping[str, np.ndarray], updates: list[ClientUpdate]) -> State:
-        """The average of one level's uploads (``average``: FedAvg by default)."""
-        return self.average(base, updates)
-
     def server_snapshot(self) -> Any:
         """Generators and their optimisers, copied (a discarded step must not train them)."""
         return {"generators": {k: copy.deepcopy(g.state_dict()) for k, g in self.generators.items()},

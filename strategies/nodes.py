@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedeen.protocol import QUERY_EVAL_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION, QUERY_TRAIN_EXAMPLES
+from fedeen.protocol import QUERY_LEVEL
 from strategies.replies import query_answer
 
 NODE_WAIT_SECONDS = 600.0
@@ -64,18 +64,9 @@ class NodeDirectory:
                 return f"client error: {reply.error.reason}"
             if "metrics" not in reply.content.metric_records:
                 return "the answer lacks its 'metrics' record"
-            metrics = dict(reply.content["metrics"])
-            level = query_answer(metrics, self.num_levels, QUERY_LEVEL, QUERY_PARTITION,
-                                 QUERY_TRAIN_EXAMPLES)
-            evals = query_answer(metrics, self.num_levels, QUERY_LEVEL, QUERY_PARTITION,
-                                 QUERY_EVAL_EXAMPLES)
+            return query_answer(dict(reply.content["metrics"]), self.num_levels)
         except Exception as err:  # noqa: BLE001 - an unreadable answer is the node's fault
             return f"unreadable answer ({type(err).__name__}: {err})"
-        if isinstance(level, str) or isinstance(evals, str):
-            return level if isinstance(level, str) else evals
-        if level[2] is None or evals[2] is None:
-            return f"the answer lacks {QUERY_TRAIN_EXAMPLES} or {QUERY_EVAL_EXAMPLES}"
-        return level[0], level[1], level[2], evals[2]
 
     def wait_for(self, grid: Grid, min_nodes: int, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
         """The connected nodes, once at least ``min_nodes`` are (error after ``timeout``)."""

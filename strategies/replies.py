@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedeen.protocol import QUERY_EVAL_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION, QUERY_TRAIN_EXAMPLES
+
 #: bytes an .npy header may add to an array's payload (numpy writes 128 or a multiple)
 NPY_HEADER_BYTES = 4096
 
@@ -60,17 +62,20 @@ def record_layout_problem(record: ArrayRecord, expected: Mapping[str, tuple[tupl
     return None
 
 
-def query_answer(metrics: Mapping[str, Any], num_levels: int, level_key: str, key_key: str,
-                 examples_key: str) -> tuple[int, int | None, int | None] | str:
-    """(budget level, stable key or None, declared training examples or None) from a node's
-    answer to the level query, or why it is unusable."""
-    level = metrics.get(level_key)
-    if not is_finite_scalar(level) or float(level) != int(level) or not 1 <= level <= num_levels:
+def is_whole(value: Any, low: float = 0) -> bool:
+    return is_finite_scalar(value) and float(value) == int(value) and value >= low
+
+
+def query_answer(metrics: Mapping[str, Any], num_levels: int
+                 ) -> tuple[int, int | None, int, int] | str:
+    """(budget level, stable key or None, declared training and evaluation examples) from a
+    node's answer to the level query, or why it is unusable."""
+    level = metrics.get(QUERY_LEVEL)
+    if not is_whole(level, 1) or level > num_levels:
         return f"budget level {level!r} is not a whole number in 1..{num_levels}"
-    key = metrics.get(key_key)
-    key = int(key) if is_finite_scalar(key) and float(key) == int(key) and key >= 0 else None
-    examples = metrics.get(examples_key)
-    if examples is not None and (not is_finite_scalar(examples) or examples < 0
-                                 or float(examples) != int(examples)):
-        return f"declared {examples_key} {examples!r} is not a whole number >= 0"
-    return int(level), key, None if examples is None else int(examples)
+    key = metrics.get(QUERY_PARTITION)
+    counts = [metrics.get(QUERY_TRAIN_EXAMPLES), metrics.get(QUERY_EVAL_EXAMPLES)]
+    if not all(is_whole(n) for n in counts):
+        return (f"declared {QUERY_TRAIN_EXAMPLES} / {QUERY_EVAL_EXAMPLES} {counts} are not "
+                "whole numbers >= 0")
+    return int(level), int(key) if is_whole(key) else None, int(counts[0]), int(counts[1])

@@ -137,8 +137,9 @@ def test_a_hostile_evaluate_reply_is_rejected_and_the_others_are_averaged(case):
 
 # ---------------------------------------------------------------------- query answers
 @pytest.mark.parametrize("answer", [{}, {QUERY_LEVEL: float("nan")}, {QUERY_LEVEL: [1.0]},
-                                    {QUERY_LEVEL: 9}, None],
-                         ids=["no level", "NaN level", "list level", "level 9", "no metrics"])
+                                    {QUERY_LEVEL: 9}, None, {QUERY_LEVEL: 1}],
+                         ids=["no level", "NaN level", "list level", "level 9", "no metrics",
+                              "no example counts"])
 def test_a_bad_level_answer_leaves_that_node_out_and_the_round_goes_on(answer):
     def tamper(reply, original):
         if answer is None:

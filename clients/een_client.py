@@ -108,18 +108,30 @@ class EENClient(NumPyClient):
     @torch.no_grad()
     def difficulty_record(self, model: EarlyExitNet) -> dict[str, np.ndarray]:
         """Per training sample: label and difficulty, the cross-entropy at the first exit of
-        the model as received this round (DarkDistill's difficulty assessment)."""
+        the model as received this round (DarkDistill's difficulty assessment); and the
+        per-element mean and mean square of the latent (``to_latent``) over the training set,
+        the embedding statistics the server's generators are anchored to. One eval-mode pass
+        without augmentation."""
         model.eval()
         diffs = []
         data = self.data.train
+        total = torch.zeros(model.latent_shape(), dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
         for start in range(0, len(data), 256):
             xb = data.x[start:start + 256].to(self.device)
             yb = data.y[start:start + 256].to(self.device)
-            z = model(xb).logits[0]
+            latent = model.to_latent(xb)
+            z = model.forward_latent(latent).logits[0]
             diffs.append(F.cross_entropy(z, yb, reduction="none").float().cpu())
+            lat = latent.double()
+            total += lat.sum(dim=0).cpu()
+            total_sq += lat.pow(2).sum(dim=0).cpu()
         model.train()
+        n = max(len(data), 1)
         return {"labels": data.y.numpy().astype(np.int64),
-                "difficulty": torch.cat(diffs).numpy().astype(np.float32)}
+                "difficulty": torch.cat(diffs).numpy().astype(np.float32),
+                "latent_mean": (total / n).numpy().astype(np.float32),
+                "latent_sq_mean": (total_sq / n).numpy().astype(np.float32)}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]

@@ -179,11 +179,9 @@ def depthfl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     return loss
 
 
-@register("scalefl")
-def scalefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
-    """ScaleFL: exit j (1-based) weighted by j, the intermediate exits also distilled from the
-    local last exit, normalised by k(k+1)/2:
-    [sum_{j<k} j (CE(z_j) + gamma KL_T(z_k.detach || z_j)) + k CE(z_k)] / (k(k+1)/2).
+def scalefl_loss(out: EEOutput, y: Tensor, ctx: ObjectiveContext, divisor: float) -> Tensor:
+    """ScaleFL's weighted exit loss before normalisation divided by ``divisor``:
+    [sum_{j<k} j (CE(z_j) + gamma KL_T(z_k.detach || z_j)) + k CE(z_k)] / divisor.
     ``kd-gamma`` is 0 before the strategy turns distillation on."""
     k = out.num_exits
     gamma, t = ctx.config.kd_gamma, ctx.config.kd_temperature
@@ -194,7 +192,23 @@ def scalefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
         if gamma > 0:
             term = term + gamma * kl_distill(z, last, t)
         loss = loss + j * term
-    return loss / (k * (k + 1) / 2)
+    return loss / divisor
+
+
+@register("scalefl")
+def scalefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
+    """ScaleFL, normalised by the exit weights' sum k(k+1)/2 (the official code): exit j
+    weighted by j, the intermediate exits also distilled from the local last exit."""
+    k = out.num_exits
+    return scalefl_loss(out, y, ctx, k * (k + 1) / 2)
+
+
+@register("scalefl-fl-ee")
+def scalefl_fl_ee(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
+    """ScaleFL normalised by k(k+1), as the DarkDistill authors' port runs it (half the
+    official loss, so half the effective learning rate)."""
+    k = out.num_exits
+    return scalefl_loss(out, y, ctx, k * (k + 1))
 
 
 REEFL_MA, REEFL_ROUND = "reefl-ma", "reefl-round"

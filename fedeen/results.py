@@ -5,6 +5,7 @@ Layout::
     <out-dir>/<timestamp>-<strategy>-<dataset>-s<seed>/
         config.json  rounds.jsonl  metrics.json  history.csv  final_model.pt
         checkpoint.pt  checkpoint.prev.pt  exit_accuracy.png  budget_curve.png
+        server_kd.png (strategies with server-KD diagnostics)
 
 Every file is replaced whole (``fedeen.checkpoints.atomic_write``), so a run killed at any
 moment leaves complete files; ``rounds.jsonl`` is an append-only log, one line per round.
@@ -226,5 +227,36 @@ class RunRecorder(RoundObserver):
         ax.legend()
         fig.tight_layout()
         atomic_write(self.path / "budget_curve.png",
+                     lambda fh: fig.savefig(fh, format="png", dpi=120))
+        plt.close(fig)
+        self._plot_server_kd(plt)
+
+    def _plot_server_kd(self, plt: Any) -> None:
+        """server_kd.png for strategies that report server-KD diagnostics (``diag-*`` train
+        metrics): generated/real latent RMS ratio per generator, and the KD loss and gradient
+        norm on generated latents against real embeddings, over rounds."""
+        keys = sorted({k for r in self.rounds for k in r["train"] if k.startswith("diag-")})
+        ratios = [k for k in keys if k.startswith("diag-rms-ratio-")]
+        kd = [k for k in keys if k.startswith("diag-kd-")]
+        if not ratios and not kd:
+            return
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        panels = [(ratios, "generated / real latent RMS"),
+                  ([k for k in kd if "-loss-" in k], "KD loss"),
+                  ([k for k in kd if "-grad-" in k], "KD gradient norm")]
+        for ax, (names, label) in zip(axes, panels):
+            for k in names:
+                pts = [(r["round"], r["train"][k]) for r in self.rounds
+                       if k in r["train"] and r["train"][k] > 0]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", label=k.removeprefix("diag-"))
+            ax.set(xlabel="round", ylabel=label, yscale="log")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        axes[0].axhline(1.0, color="k", lw=0.8)
+        fig.suptitle(f"{self.cfg.strategy}: server KD diagnostics")
+        fig.tight_layout()
+        atomic_write(self.path / "server_kd.png",
                      lambda fh: fig.savefig(fh, format="png", dpi=120))
         plt.close(fig)

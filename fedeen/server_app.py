@@ -91,6 +91,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict:
     data = load_server_data(cfg)
     family = family_for(cfg, data.info)
     strategy = build_strategy(cfg, family)
+    strategy.use_server_data(data.val)
     evaluator = CentralEvaluator(family, data, cfg, device, strategy)
     if cfg.resume:
         initial, first_round, recorder = resume(cfg, strategy, evaluator)

@@ -91,3 +91,33 @@ def diversity_loss(eps: Tensor, latent: Tensor) -> Tensor:
     noise_dist = (eps[:, None, :] - eps[None, :, :]).pow(2).mean(dim=2)
     out_dist = torch.cdist(x, x, p=1) / x.shape[1]
     return torch.exp(-(noise_dist * out_dist).mean())
+
+
+#: how a generator's output scale is held to the clients' embedding statistics
+SCALE_ANCHORS = ("normalize", "stat-loss", "off")
+
+
+def standardize_to(latent: Tensor, mean: Tensor, std: Tensor, eps: float = 1e-5) -> Tensor:
+    """Output normalisation: every element (token position x channel, or channel x pixel)
+    standardised over the batch, then given the clients' mean and standard deviation,
+    ``mean + std * (x - batch mean) / batch std``. The batch's first two moments then equal
+    the real embeddings' whatever the generator's raw scale, so no loss term can inflate them."""
+    mu = latent.mean(dim=0, keepdim=True)
+    var = latent.var(dim=0, unbiased=False, keepdim=True)
+    return mean + std * (latent - mu) * torch.rsqrt(var + eps)
+
+
+def statistic_loss(latent: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Moment matching against the clients' embedding statistics (DeepInversion's feature
+    statistic loss in relative form): ``(||m_b - mean||^2 + ||s_b - std||^2) / ||std||^2``
+    with m_b, s_b the batch mean and standard deviation of every element. 0 when the batch
+    has the real moments; about (r - 1)^2 when its scale is r times the real one."""
+    mu = latent.mean(dim=0)
+    sd = latent.var(dim=0, unbiased=False).add(1e-8).sqrt()
+    scale = std.pow(2).sum().clamp(min=1e-12)
+    return ((mu - mean).pow(2).sum() + (sd - std).pow(2).sum()) / scale
+
+
+def rms(x: Tensor) -> float:
+    """Root mean square of all elements (the latent scale the diagnostics compare)."""
+    return float(x.detach().float().pow(2).mean().sqrt())

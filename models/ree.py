@@ -57,7 +57,7 @@ class EarlyExitReeViT(EarlyExitViT):
         super().__init__(spec, cfg)
         options = cfg.backbone or ViTOptions()
         del self.exits
-        self.ree = Ree(options.dim, cfg.num_classes, max_tokens=options.blocks)
+        self.ree = Ree(self.dim, cfg.num_classes, max_tokens=options.blocks)
 
     def forward_latent(self, z: Tensor) -> EEOutput:
         logits, feats = [], []

@@ -1,8 +1,10 @@
 """ViT/DeiT-style early-exit transformer: patch embedding, pre-LN blocks, CLS-token exits.
 
-Width scaling (ScaleFL) keeps the residual dimension and takes the leading attention heads
-and MLP units; q, k and v are separate projections so that "the first h heads" is a leading
-slice of each weight.
+Width scaling (ScaleFL) scales the residual width and the MLP width by the ratio, each
+rounded down to a multiple of the head count, and keeps the head count (the head dimension
+shrinks), as the DarkDistill authors' ScaleFL does with a Hugging Face ViT config. Every
+tensor of a narrow model is the leading slice of the full one (patch projection, CLS token
+and positions, LayerNorms, q/k/v/projection, MLP, exit heads).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.base import EarlyExitNet, EEOutput, SubmodelSpec, exit_blocks, scaled
+from models.base import EarlyExitNet, EEOutput, SubmodelSpec, exit_blocks
 from models.frontends import build_frontend
 from models.options import OptionError, Options, option
 from models.registry import ModelConfig, register
@@ -107,17 +109,17 @@ class EarlyExitViT(EarlyExitNet):
         options = cfg.backbone or ViTOptions()
         frontend, in_chans = build_frontend(cfg)
         super().__init__(spec, cfg.num_exits, frontend)
-        dim, heads, num_classes = options.dim, options.heads, cfg.num_classes
-        if dim % heads:
-            raise ValueError(f"ViT dim {dim} is not divisible by its {heads} heads")
+        heads, num_classes = options.heads, cfg.num_classes
+        if options.dim % heads:
+            raise ValueError(f"ViT dim {options.dim} is not divisible by its {heads} heads")
+        dim = width_scaled(options.dim, spec.width, heads)
+        m = width_scaled(int(options.dim * options.mlp_ratio), spec.width, heads)
         self.dim = dim
         self.embed = PatchEmbed(in_chans, cfg.image_size, options.patch, dim)
         all_exits = exit_blocks(options.blocks, cfg.num_exits)
         self.exit_after = all_exits[: spec.depth]
-        head_dim = dim // heads
-        h = scaled(heads, spec.width)
-        m = scaled(int(dim * options.mlp_ratio), spec.width)
-        self.blocks = nn.ModuleList(Block(dim, h, head_dim, m) for _ in range(self.exit_after[-1]))
+        self.blocks = nn.ModuleList(Block(dim, heads, dim // heads, m)
+                                    for _ in range(self.exit_after[-1]))
         self.exits = nn.ModuleList(TokenExit(dim, num_classes) for _ in self.exit_after)
         self.apply(_init_weights)
 
@@ -139,6 +141,14 @@ class EarlyExitViT(EarlyExitNet):
                 feats.append(cls)
                 e += 1
         return self.output(logits, feats)
+
+
+def width_scaled(n: int, width: float, multiple: int) -> int:
+    """``n`` at width ratio ``width``, rounded down to a multiple of ``multiple`` (at least
+    one multiple): int(n * width // multiple * multiple), the authors' rule."""
+    if width >= 1.0:
+        return n
+    return max(multiple, int(n * width // multiple * multiple))
 
 
 @register("vit", options=ViTOptions)

@@ -153,6 +153,10 @@ class HeteroEENStrategy(Strategy):
         the submodel of that depth}. None by default (InclusiveFL: each level's own model)."""
         return {}
 
+    def use_server_data(self, val: Any) -> None:
+        """The server's validation hold-out (``fedeen.data.Tensors``), for strategies whose
+        server step measures itself on real inputs; unused by default."""
+
     def expected_records(self, num_examples: int) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
         """Extra array records a train reply of ``num_examples`` examples must carry: record
         name -> {array name: (shape, dtype kinds)}; none by default. Anything else is refused."""

@@ -61,18 +61,24 @@ from torch.nn import functional as F
 from fedeen.config import RunConfig
 from models.base import EarlyExitNet, EEOutput, SubmodelSpec
 from models.family import EENFamily
-from models.generator import LatentGenerator, diversity_loss
+from models.generator import LatentGenerator, diversity_loss, rms
 from models.options import Options, group, option
 from models.state import State, module_state, to_state, to_tensors
 from models.submodel import scatter_mean, slice_state
-from strategies.base import ClientUpdate, relative_change
+from strategies.base import ClientUpdate
 from strategies.generator_kd import (GeneratorKDOptions, GeneratorKDStrategy, Means, clip_grads,
-                                     server_model)
+                                     grad_norm, loss_grad_norm, server_model)
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
 from strategies.routing import route_batch, routed_ce
 
-WEIGHTINGS = ("soft", "hard")
+#: how the reverse KD weights the student exits: "soft" (softmax of difficulty matching on
+#: the samples' real difficulties), "hard" (one-hot at its largest weight), "placeholder" (the
+#: authors' released code: matching on integer bins drawn uniformly from 0..9, unrelated to
+#: the samples), "uniform" (every exit with routed samples equally)
+WEIGHTINGS = ("soft", "hard", "placeholder", "uniform")
+#: the placeholder histogram's bins (the authors' ``diff_distribute`` of ten ones)
+PLACEHOLDER_BINS = 10
 
 
 @dataclass(frozen=True)
@@ -107,31 +113,44 @@ def merge_levels(global_state: Mapping[str, np.ndarray], level_models: Mapping[i
 
 
 def difficulty_weights(sample_difficulty: Tensor, exit_groups: list[Tensor],
-                       hard: bool = False) -> Tensor:
+                       weighting: str = "soft") -> Tensor:
     """Weights over student exits from difficulty matching (the reverse KD's exit weighting).
 
     ``exit_groups[j]`` holds the difficulties of the samples the student's exit policy routes
     to exit j. For every teaching sample i, dist_i(j) = |d_i - mean(group j)|, normalised over
-    j; a_j = sum_i dist_i(j); weights = softmax(-a) (``hard``: one-hot at the largest weight).
-    Exits no sample was routed to get weight 0.
+    j; a_j = sum_i dist_i(j); weights = softmax(-a) ("hard": one-hot at the largest weight;
+    "uniform": equal weights). Exits no sample was routed to get weight 0. "placeholder" is
+    "soft" on whatever difficulties the caller passes (see ``weighting_difficulty``).
     """
     present = torch.tensor([len(g) > 0 for g in exit_groups], device=sample_difficulty.device)
+    if weighting == "uniform":
+        return present.float() / present.sum().clamp(min=1)
     means = torch.stack([g.float().mean() if len(g) else sample_difficulty.new_zeros(())
                          for g in exit_groups])
     dist = ((sample_difficulty.float()[:, None] - means[None, :]).abs() + 1e-6) * present
     dist = dist / dist.sum(dim=1, keepdim=True)
     a = dist.sum(dim=0).masked_fill(~present, float("inf"))
     w = torch.softmax(-a, dim=0)
-    if hard:
+    if weighting == "hard":
         w = F.one_hot(w.argmax(), len(exit_groups)).to(w.dtype)
     return w
 
 
+def weighting_difficulty(difficulty: Tensor, weighting: str, rng: torch.Generator) -> Tensor:
+    """The per-sample difficulties the exit weighting matches: the samples' own, or for
+    "placeholder" integer bins drawn uniformly from 0..PLACEHOLDER_BINS-1 (what the authors'
+    released code matches on: its difficulty histogram is a constant placeholder)."""
+    if weighting != "placeholder":
+        return difficulty
+    bins = torch.randint(0, PLACEHOLDER_BINS, (len(difficulty),), generator=rng)
+    return bins.to(difficulty.device, torch.float32)
+
+
 def reverse_kd_pair_loss(teacher: EEOutput, teacher_exit: Tensor, student: EEOutput,
                          student_exit: Tensor, difficulty: Tensor, dist_ratio: float,
-                         angle_ratio: float, hard: bool = False) -> Tensor:
-    """L_pair, the loss of one (teacher, student) pair: the teacher's last exit teaches every
-    student exit.
+                         angle_ratio: float, weighting: str = "soft") -> tuple[Tensor, Tensor]:
+    """(L_pair, the student exits' weights) of one (teacher, student) pair: the teacher's last
+    exit teaches every student exit.
 
     I_T = samples routed to the teacher's last exit; each student exit j distils RKD from the
     teacher's last-exit features on I_T, weighted by ``difficulty_weights``; averaged over j.
@@ -139,13 +158,13 @@ def reverse_kd_pair_loss(teacher: EEOutput, teacher_exit: Tensor, student: EEOut
     last = teacher.num_exits - 1
     idx = torch.nonzero(teacher_exit == last).squeeze(1)
     if len(idx) < 2:
-        return student.features[0].sum() * 0.0
+        return student.features[0].sum() * 0.0, student.features[0].new_zeros(student.num_exits)
     groups = [difficulty[student_exit == j] for j in range(student.num_exits)]
-    w = difficulty_weights(difficulty[idx], groups, hard)
+    w = difficulty_weights(difficulty[idx], groups, weighting)
     t_feat = teacher.features[last][idx].detach()
     losses = [w[j] * rkd_loss(student.features[j][idx], t_feat, dist_ratio, angle_ratio)
               for j in range(student.num_exits)]
-    return torch.stack(losses).sum() / student.num_exits
+    return torch.stack(losses).sum() / student.num_exits, w.detach()
 
 
 def exit1_difficulty(difficulty_model: EarlyExitNet, latent: Tensor, y: Tensor) -> Tensor:
@@ -156,27 +175,32 @@ def exit1_difficulty(difficulty_model: EarlyExitNet, latent: Tensor, y: Tensor) 
 def difficulty_generator_step(generator: LatentGenerator, opt: torch.optim.Optimizer,
                               teacher: EarlyExitNet, difficulty_model: EarlyExitNet, y: Tensor,
                               difficulty: Tensor, eps: Tensor, exit_p: float,
-                              use_difficulty: bool = True) -> dict[str, float]:
+                              use_difficulty: bool = True,
+                              anchor: Callable[[Tensor], tuple[Tensor, Any]] | None = None
+                              ) -> dict[str, float]:
     """One Adam step of a level generator; returns its loss terms.
 
     L_G = CE at the exit the level model routes each sample to + MSE(measured difficulty,
-    requested) (only when difficulty-conditional) + diversity. Only the generator's
-    parameters receive gradients.
+    requested) (only when difficulty-conditional) + diversity (+ the scale anchor's term).
+    ``anchor`` maps the raw output to (the latent the server uses, the anchor's loss).
+    Only the generator's parameters receive gradients.
     """
     generator.train()
-    x = generator(y, eps, difficulty if use_difficulty else None)
+    raw = generator(y, eps, difficulty if use_difficulty else None)
+    x, anchor_loss = anchor(raw) if anchor is not None else (raw, 0.0)
     out = teacher.forward_latent(x)
     ce = routed_ce(out.logits, y, route_batch(out.logits, exit_p))
     div = diversity_loss(eps, x)
     measured = exit1_difficulty(difficulty_model, x, y)
     mse = F.mse_loss(measured, difficulty.float())
-    loss = ce + div + (mse if use_difficulty else 0.0)
+    loss = ce + div + (mse if use_difficulty else 0.0) + anchor_loss
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=list(generator.parameters()))
     opt.step()
     return {"gen-loss": loss.item(), "gen-ce": ce.item(), "gen-div": div.item(),
             "gen-diff-mse": mse.item(), "gen-diff-req": float(difficulty.float().mean()),
-            "gen-diff-meas": float(measured.detach().mean())}
+            "gen-diff-meas": float(measured.detach().mean()),
+            "gen-anchor-loss": float(anchor_loss)}
 
 
 @register("darkdistill")
@@ -240,7 +264,9 @@ class DarkDistill(GeneratorKDStrategy):
 
     # ------------------------------------------------------------------ generators and KD
     def distill(self, server_round: int) -> dict[str, float]:
-        """Generator steps and progressive reverse KD on the level models."""
+        """Generator steps and progressive reverse KD on the level models, with the round's
+        diagnostics (``diag-*``: latent scale, KD loss and gradient on generated and real
+        inputs, exit weights; ``kd-*``: the students' move against weight decay alone)."""
         teachers = [k for k in self.levels
                     if self.level_examples.get(k, 0) > 0 and k in self.conditions]
         if not teachers:
@@ -258,53 +284,126 @@ class DarkDistill(GeneratorKDStrategy):
         difficulty_model = server_model(
             self.family, exit1, slice_state(self.global_state, self.family.shapes(exit1)), dev)
         difficulty_model.requires_grad_(False)
+        stats = {k: self.stats_of([k]) for k in teachers}
         sgd = {s: self.kd_sgd(models[s].parameters(), scale) for s in students}
         bs, p = self.options.batch_size, self.cfg.exit_p
-        stats = Means()
+        probe = self.probe_batch(server_round, bs)
+        means = Means()
         for _epoch in range(self.options.server_epochs):
             conds = {k: self.draw(k, bs, rng) for k in teachers}
             for _ in range(self.shared.gen_iters):
                 for k in teachers:
                     y, d = conds[k]
                     eps = self.generators[k].noise(bs, rng, dev)
-                    stats.add(difficulty_generator_step(
-                        self.generators[k], self.gen_opts[k], models[k], difficulty_model, y, d, eps, p, self.dc))
-            for _ in range(self.shared.kd_iters if pairs else 0):
-                stats.add({"kd-loss": self.reverse_kd_step(pairs, models, difficulty_model, conds, sgd, rng)})
+                    means.add(difficulty_generator_step(
+                        self.generators[k], self.gen_opts[k], models[k], difficulty_model, y, d,
+                        eps, p, self.dc, anchor=lambda raw, k=k: self.anchored(raw, stats[k])))
+            for i in range(self.shared.kd_iters if pairs else 0):
+                means.add(self.reverse_kd_step(pairs, models, difficulty_model, conds, stats, sgd,
+                                               rng, probe if i == 0 else None))
+        means.add(self.latent_scale(teachers, models, stats, server_round, probe))
+        steps = self.options.server_epochs * self.shared.kd_iters
         for s in students:
             after = module_state(models[s])
-            stats.add({"kd-rel-change": relative_change(self.level_models[s], after)})
+            names = [n for n, q in models[s].named_parameters() if q.grad is not None]
+            means.add(self.kd_move_metrics(self.level_models[s], after, names, scale, steps))
             self.level_models[s] = after
-        return stats.result()
+        return means.result()
+
+    def generate(self, k: int, y: Tensor, d: Tensor, stats: dict, rng: torch.Generator) -> Tensor:
+        """A batch of level ``k``'s generator (eval mode, anchored), without gradients."""
+        g = self.generators[k].eval()
+        with torch.no_grad():
+            raw = g(y, g.noise(len(y), rng, self.device), d if self.dc else None)
+            return self.anchored(raw, stats[k])[0]
+
+    def kd_objective(self, pairs: list[tuple[int, int]], models: dict[int, EarlyExitNet],
+                     batches: dict[int, tuple[Tensor, Tensor]], rng: torch.Generator
+                     ) -> tuple[Tensor, dict[str, float]]:
+        """(L_KD = sum_k n^(k)/sum n * L_pair(k -> k+1), each pair's student-exit weights) on
+        ``batches[k]`` = (latents, per-sample difficulties) of each teacher level."""
+        total_n = sum(self.level_examples[k] for k, _ in pairs)
+        loss = torch.zeros((), device=self.device)
+        weights: dict[str, float] = {}
+        weighting = self.options.weighting
+        for k, s in pairs:
+            x, difficulty = batches[k]
+            with torch.no_grad():
+                t_out = models[k].forward_latent(x)
+                t_exit = route_batch(t_out.logits, self.cfg.exit_p)
+            s_out = models[s].forward_latent(x)
+            s_exit = route_batch(s_out.logits, self.cfg.exit_p)
+            pair, w = reverse_kd_pair_loss(
+                t_out, t_exit, s_out, s_exit, weighting_difficulty(difficulty, weighting, rng),
+                self.shared.kd_dist_ratio, self.shared.kd_angle_ratio, weighting)
+            loss = loss + self.level_examples[k] / total_n * pair
+            weights.update({f"diag-w-p{k}-e{j}": float(v) for j, v in enumerate(w, start=1)})
+        return loss, weights
 
     def reverse_kd_step(self, pairs: list[tuple[int, int]], models: dict[int, EarlyExitNet],
                         difficulty_model: EarlyExitNet, conds: dict[int, tuple[Tensor, Tensor]],
-                        sgd: dict[int, torch.optim.SGD], rng: torch.Generator) -> float:
-        """One SGD step of L_KD = sum_k n^(k)/sum n * L_pair(k -> k+1) on all student levels."""
-        total_n = sum(self.level_examples[k] for k, _ in pairs)
+                        stats: dict, sgd: dict[int, torch.optim.SGD], rng: torch.Generator,
+                        probe: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+        """One SGD step of L_KD on all student levels, on a fresh generated batch per pair.
+        With ``probe`` (real validation inputs), the same loss and its gradient norm are first
+        measured on their real embeddings (no step is taken on them)."""
+        batches = {}
+        for k, _ in pairs:
+            y, d = conds[k]
+            x = self.generate(k, y, d, stats, rng)
+            with torch.no_grad():
+                diff = d.float() if self.dc else exit1_difficulty(difficulty_model, x, y)
+            batches[k] = (x, diff)
+        params = [q for s in sgd for q in models[s].parameters()]
+        metrics: dict[str, float] = {}
+        if probe is not None:
+            metrics.update(self.measure_on_real(pairs, models, difficulty_model, probe, params, rng))
         for opt in sgd.values():
             opt.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.device)
-        for k, s in pairs:
-            y, d = conds[k]
-            g = self.generators[k].eval()
-            with torch.no_grad():
-                x = g(y, g.noise(len(y), rng, self.device), d if self.dc else None)
-                t_out = models[k].forward_latent(x)
-                t_exit = route_batch(t_out.logits, self.cfg.exit_p)
-                difficulty = d.float() if self.dc else exit1_difficulty(difficulty_model, x, y)
-            s_out = models[s].forward_latent(x)
-            s_exit = route_batch(s_out.logits, self.cfg.exit_p)
-            pair = reverse_kd_pair_loss(
-                t_out, t_exit, s_out, s_exit, difficulty, self.shared.kd_dist_ratio,
-                self.shared.kd_angle_ratio, self.options.weighting == "hard")
-            loss = loss + self.level_examples[k] / total_n * pair
+        loss, weights = self.kd_objective(pairs, models, batches, rng)
+        metrics.update(weights)
+        metrics["kd-loss"] = loss.item()
         if loss.requires_grad:
             loss.backward()
+            if probe is not None:
+                metrics.update({"diag-kd-loss-gen": loss.item(), "diag-kd-grad-gen": grad_norm(params)})
             for opt in sgd.values():
                 clip_grads(opt, self.shared.kd_max_grad_norm)
                 opt.step()
-        return loss.item()
+        return metrics
+
+    def measure_on_real(self, pairs: list[tuple[int, int]], models: dict[int, EarlyExitNet],
+                        difficulty_model: EarlyExitNet, probe: tuple[Tensor, Tensor],
+                        params: list[Tensor], rng: torch.Generator) -> dict[str, float]:
+        """KD loss and gradient norm on real embeddings: each teacher's own embedding of the
+        probe images, their exit-1 difficulty on the difficulty model. Measurement only."""
+        x, y = probe
+        with torch.no_grad():
+            diff = F.cross_entropy(difficulty_model(x).logits[0], y, reduction="none")
+            batches = {k: (models[k].to_latent(x), diff) for k, _ in pairs}
+        # the placeholder's bins come from their own generator: measuring must not shift the
+        # training draws
+        loss, _ = self.kd_objective(pairs, models, batches, self.diagnostic_rng(-1))
+        return {"diag-kd-loss-real": loss.item(), "diag-kd-grad-real": loss_grad_norm(loss, params)}
+
+    def latent_scale(self, teachers: list[int], models: dict[int, EarlyExitNet], stats: dict,
+                     server_round: int, probe: tuple[Tensor, Tensor] | None) -> dict[str, float]:
+        """Per level: RMS of a generated batch over RMS of the real embeddings (the probe's,
+        through the level model's own embedding; the uploaded statistics without a probe)."""
+        rng = self.diagnostic_rng(server_round)
+        out = {}
+        for k in teachers:
+            y, d = self.draw(k, self.options.batch_size, rng)
+            gen = rms(self.generate(k, y, d, stats, rng))
+            if probe is not None:
+                with torch.no_grad():
+                    real = rms(models[k].to_latent(probe[0]))
+            elif stats[k] is not None:
+                real = stats[k].rms
+            else:
+                continue
+            out[f"diag-rms-ratio-l{k}"] = gen / real if real > 0 else float("nan")
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

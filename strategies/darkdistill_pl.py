@@ -44,12 +44,12 @@ from torch.nn import functional as F
 from fedeen.config import RunConfig
 from models.base import EarlyExitNet, EEOutput
 from models.family import EENFamily
-from models.generator import diversity_loss
+from models.generator import diversity_loss, rms
 from models.options import Options, group, option
 from models.state import State, module_state
 from strategies.base import ClientUpdate
 from strategies.generator_kd import (GeneratorKDOptions, GeneratorKDStrategy, Means, clip_grads,
-                                     server_model)
+                                     loss_grad_norm, server_model)
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
 
@@ -134,15 +134,23 @@ class DarkDistillPL(GeneratorKDStrategy):
                   for j, ks in owners.items()}
         bs = self.options.batch_size
         ensemble = functools.partial(self.ensemble, models, owners, weights)
-        stats = Means()
+        stats = {j: self.stats_of(ks) for j, ks in owners.items()}
+        probe = self.probe_batch(server_round, bs)
+        before = module_state(student)
+        means = Means()
         for _epoch in range(self.options.server_epochs):
             y = {j: torch.from_numpy(labels[j][torch.randint(0, len(labels[j]), (bs,),
                                                              generator=rng).numpy()]).to(dev)
                  for j in owners}
             for _ in range(self.shared.gen_iters):
-                stats.add(self.generator_step(owners, y, ensemble, student, rng))
-            stats.add(self.kd_steps(owners, y, ensemble, student, sgd, rng))
-        return module_state(student), stats.result()
+                means.add(self.generator_step(owners, y, ensemble, student, stats, rng))
+            means.add(self.kd_steps(owners, y, ensemble, student, sgd, stats, rng, probe))
+        after = module_state(student)
+        trained = [n for n, q in student.named_parameters() if q.grad is not None]
+        means.add(self.kd_move_metrics(before, after, trained,
+                                       scale, self.options.server_epochs * self.shared.kd_iters))
+        means.add(self.latent_scale(owners, y, student, stats, server_round, probe))
+        return after, means.result()
 
     @staticmethod
     def ensemble(models: dict[int, EarlyExitNet], owners: dict[int, list[int]],
@@ -162,20 +170,23 @@ class DarkDistillPL(GeneratorKDStrategy):
         return outs, deltas
 
     def generator_step(self, owners: dict[int, list[int]], y: dict[int, Tensor], ensemble,
-                       student: EarlyExitNet, rng: torch.Generator) -> dict[str, float]:
-        """One joint Adam step of all exit generators."""
+                       student: EarlyExitNet, stats: dict, rng: torch.Generator
+                       ) -> dict[str, float]:
+        """One joint Adam step of all exit generators (outputs anchored to the statistics of
+        the levels that own the exit)."""
         gens = [self.generators[j] for j in owners]
-        xs, ce, div = {}, [], []
+        xs, ce, div, anchor = {}, [], [], []
         for j in owners:
             g = self.generators[j].train()
             eps = g.noise(len(y[j]), rng, self.device)
-            xs[j] = g(y[j], eps)
+            xs[j], anchor_loss = self.anchored(g(y[j], eps), stats[j])
+            anchor.append(torch.as_tensor(anchor_loss, device=self.device, dtype=torch.float32))
             ce.append(F.cross_entropy(ensemble(j, xs[j])[0], y[j]))
             div.append(diversity_loss(eps, xs[j]))
         _, deltas = self._deltas(student, xs, y)
         gaps = increase_gaps(deltas) if self.options.increase else []
         gap = torch.stack(gaps).sum() if gaps else torch.zeros((), device=self.device)
-        loss = torch.stack(ce).sum() + torch.stack(div).sum() \
+        loss = torch.stack(ce).sum() + torch.stack(div).sum() + torch.stack(anchor).sum() \
             - self.options.gap_weight * gap
         for j in owners:
             self.gen_opts[j].zero_grad(set_to_none=True)
@@ -183,33 +194,76 @@ class DarkDistillPL(GeneratorKDStrategy):
         for j in owners:
             self.gen_opts[j].step()
         metrics = {"gen-loss": loss.item(), "gen-ce": torch.stack(ce).mean().item(),
-                   "gen-div": torch.stack(div).mean().item(), "gen-gap": gap.item()}
+                   "gen-div": torch.stack(div).mean().item(), "gen-gap": gap.item(),
+                   "gen-anchor-loss": torch.stack(anchor).sum().item()}
         metrics.update({f"gen-diff-e{j}": deltas[j - 1].mean().item() for j in owners})
         return metrics
 
     def kd_steps(self, owners: dict[int, list[int]], y: dict[int, Tensor], ensemble,
-                 student: EarlyExitNet, sgd: torch.optim.SGD, rng: torch.Generator
-                 ) -> dict[str, float]:
+                 student: EarlyExitNet, sgd: torch.optim.SGD, stats: dict, rng: torch.Generator,
+                 probe: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
         """``darkdistill-kd-iters`` (``shared.kd_iters``) SGD steps of the global model on fixed
-        generated batches."""
+        generated batches. With ``probe`` (real validation inputs), the first step's RKD loss
+        and gradient norm are also measured on their real embeddings (no step on them)."""
+        xs = self.generate(owners, y, stats, rng)
         with torch.no_grad():
-            xs = {}
-            for j in owners:
-                g = self.generators[j].eval()
-                xs[j] = g(y[j], g.noise(len(y[j]), rng, self.device))
             t_feats = {j - 1: ensemble(j, xs[j])[1] for j in owners}
-        m = self.family.num_exits
-        ratios = self.shared.kd_dist_ratio, self.shared.kd_angle_ratio
-        stats = Means()
-        for _ in range(self.shared.kd_iters):
+        params = list(student.parameters())
+        means = Means()
+        for i in range(self.shared.kd_iters):
+            if i == 0 and probe is not None:
+                means.add(self.measure_on_real(owners, ensemble, student, probe, params))
             outs, deltas = self._deltas(student, xs, y)
-            kd = adjacent_kd_loss({j - 1: o.features for j, o in outs.items()}, t_feats, m, *ratios)
+            kd = self.rkd(outs, t_feats)
             gaps = increase_gaps(deltas) if self.options.increase else []
             gap = torch.stack([g.abs() for g in gaps]).sum() if gaps else kd * 0.0
             loss = kd + self.options.gap_weight * gap
+            if i == 0 and probe is not None:
+                means.add({"diag-kd-loss-gen": kd.item(),
+                           "diag-kd-grad-gen": loss_grad_norm(kd, params, retain_graph=True)})
             sgd.zero_grad(set_to_none=True)
             loss.backward()
             clip_grads(sgd, self.shared.kd_max_grad_norm)
             sgd.step()
-            stats.add({"kd-loss": loss.item(), "kd-rkd": kd.item(), "kd-gap": gap.item()})
-        return stats.result()
+            means.add({"kd-loss": loss.item(), "kd-rkd": kd.item(), "kd-gap": gap.item()})
+        return means.result()
+
+    def generate(self, owners: dict[int, list[int]], y: dict[int, Tensor], stats: dict,
+                 rng: torch.Generator) -> dict[int, Tensor]:
+        """Every exit generator's batch (eval mode, anchored), without gradients."""
+        xs = {}
+        with torch.no_grad():
+            for j in owners:
+                g = self.generators[j].eval()
+                xs[j] = self.anchored(g(y[j], g.noise(len(y[j]), rng, self.device)), stats[j])[0]
+        return xs
+
+    def rkd(self, outs: dict[int, EEOutput], t_feats: dict[int, Tensor]) -> Tensor:
+        return adjacent_kd_loss({j - 1: o.features for j, o in outs.items()}, t_feats,
+                                self.family.num_exits, self.shared.kd_dist_ratio,
+                                self.shared.kd_angle_ratio)
+
+    def measure_on_real(self, owners: dict[int, list[int]], ensemble, student: EarlyExitNet,
+                        probe: tuple[Tensor, Tensor], params: list[Tensor]) -> dict[str, float]:
+        """The RKD loss and its gradient norm with every exit's batch replaced by the real
+        embeddings of the probe images (the global model's embedding). Measurement only."""
+        with torch.no_grad():
+            x = student.to_latent(probe[0])
+            t_feats = {j - 1: ensemble(j, x)[1] for j in owners}
+        out = student.forward_latent(x)
+        kd = self.rkd({j: out for j in owners}, t_feats)
+        return {"diag-kd-loss-real": kd.item(), "diag-kd-grad-real": loss_grad_norm(kd, params)}
+
+    def latent_scale(self, owners: dict[int, list[int]], y: dict[int, Tensor],
+                     student: EarlyExitNet, stats: dict, server_round: int,
+                     probe: tuple[Tensor, Tensor] | None) -> dict[str, float]:
+        """Per exit generator: RMS of a generated batch over RMS of the real embeddings (the
+        probe's through the global model's embedding; the uploaded statistics without one)."""
+        xs = self.generate(owners, y, stats, self.diagnostic_rng(server_round))
+        if probe is not None:
+            with torch.no_grad():
+                real = {j: rms(student.to_latent(probe[0])) for j in owners}
+        else:
+            real = {j: stats[j].rms for j in owners if stats[j] is not None}
+        return {f"diag-rms-ratio-e{j}": rms(xs[j]) / real[j] for j in owners
+                if real.get(j, 0) > 0}

@@ -1,6 +1,9 @@
 """InclusiveFL (Liu et al., KDD'22, "No One Left Behind"; docs/methods/inclusivefl.md).
 
-Depth scaling; clients train only their deepest exit (``last_exit_ce``). The server, as the
+Depth scaling; clients train only their deepest exit (``last_exit_ce``), or with
+``inclusivefl-train-exits = all`` every local exit under the training policy, as the
+DarkDistill authors ran it (then each smaller level's own exit head is group-specific with
+its top block, and the other exit heads are shared like any tensor). The server, as the
 ReeFL authors' re-implementation:
 
 1. FedAvg within each budget level (weighted by examples) gives the group's pseudo-gradient
@@ -35,7 +38,9 @@ ReeFL authors' re-implementation:
 The global model (checkpointed) is the largest model. Central evaluation scores exit k < K on
 level k's own model (``level_state(k)``, with its private top block), as the ReeFL authors do:
 in the global model exit head k would read the deeper levels' shared copy of block b_k,
-which no client trains it with.
+which no client trains it with. ``inclusivefl-evaluate-on = global`` scores every exit on the
+global model instead, as the DarkDistill authors do (with every exit trained, the global
+exit heads are the deeper levels' shared copies, trained on that shared block).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import numpy as np
 import torch
 
 from fedeen.config import RunConfig
+from fedeen.protocol import Instructions
 from models.options import Options, option
 from models.state import State
 from models.submodel import ElementwiseMean, slice_state
@@ -54,6 +60,9 @@ from strategies.base import ClientUpdate, HeteroEENStrategy
 from strategies.registry import register
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
+#: ``inclusivefl-train-exits`` value -> the client objective
+TRAIN_EXITS = {"last": "last_exit_ce", "all": "sum_ce"}
+EVALUATE_ON = ("level-models", "global")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,12 @@ class InclusiveFLOptions(Options):
     prefix = "inclusivefl"
     beta: float = option(0.2, lambda v: 0 <= v <= 1, "must be in [0, 1]")
     server_opt: str = option("sgd", choices=SERVER_OPTIMIZERS)
+    #: "last": clients train their deepest exit only (the paper, ReeFL's port); "all": every
+    #: local exit under the training policy (the DarkDistill authors' runs)
+    train_exits: str = option("last", choices=tuple(TRAIN_EXITS))
+    #: "level-models": exit k < K scored on level k's own model (ReeFL's port); "global":
+    #: every exit on the global model (the DarkDistill authors' runs)
+    evaluate_on: str = option("level-models", choices=EVALUATE_ON)
 
 
 ADAM_BETA1, ADAM_BETA2, ADAM_TAU, ADAM_ETA = 0.9, 0.999, 1e-6, 1e-3
@@ -86,18 +101,31 @@ class InclusiveFL(HeteroEENStrategy):
     def level_keys(self, level: int) -> list[str]:
         return list(self.family.shapes(self.level_spec(level)))
 
+    @property
+    def all_exits(self) -> bool:
+        return self.options.train_exits == "all"
+
     def private_keys(self, level: int) -> list[str]:
-        """Level ``level``'s group-specific tensors: its top block (none for the top level)."""
+        """Level ``level``'s group-specific tensors (none for the top level): its top block,
+        and with every exit trained also its own exit head (its last segment, as the
+        DarkDistill authors keep it)."""
         if level == self.cfg.num_levels:
             return []
-        return [k for k in self.level_keys(level) if k.startswith(self.top_prefix(level))]
+        own = (self.top_prefix(level),) + ((f"exits.{level - 1}.",) if self.all_exits else ())
+        return [k for k in self.level_keys(level) if k.startswith(own)]
 
     def shared_keys(self, level: int) -> list[str]:
-        """What ``level`` averages into the global model: all it holds but its private top
-        block and the exit heads of smaller levels (which it does not train)."""
+        """What ``level`` averages into the global model: all it holds but its private part
+        and, when clients train their last exit only, the exit heads of smaller levels
+        (which it does not train)."""
         private = set(self.private_keys(level))
-        foreign = tuple(f"exits.{j}." for j in range(level - 1))
-        return [k for k in self.level_keys(level) if k not in private and not k.startswith(foreign)]
+        foreign = () if self.all_exits else tuple(f"exits.{j}." for j in range(level - 1))
+        return [k for k in self.level_keys(level)
+                if k not in private and not (foreign and k.startswith(foreign))]
+
+    def instructions(self, server_round: int, level: int) -> Instructions:
+        return super().instructions(server_round, level).replace(
+            objective=TRAIN_EXITS[self.options.train_exits])
 
     def level_state(self, level: int) -> State:
         """Level ``level``'s model: the global tensors with its own top block."""
@@ -109,6 +137,8 @@ class InclusiveFL(HeteroEENStrategy):
         return self.level_state(level)
 
     def exit_states(self) -> dict[int, State]:
+        if self.options.evaluate_on == "global":
+            return {}
         return {k: self.level_state(k) for k in range(1, self.cfg.num_levels)}
 
     # ------------------------------------------------------------------ aggregation
@@ -119,7 +149,7 @@ class InclusiveFL(HeteroEENStrategy):
         added = range(self.family.exit_after[level - 1], self.family.exit_after[level])
         out = {}
         for key in self.private_keys(level):
-            if key not in own:
+            if key not in own or not key.startswith(prefix):  # exit heads take no momentum
                 continue
             name = key[len(prefix):]
             same = [deeper[f"blocks.{b}.{name}"] for b in added

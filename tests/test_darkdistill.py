@@ -138,7 +138,7 @@ def test_difficulty_weights_on_a_hand_made_case():
     a = torch.tensor([0.4, 2 / 7, 5 / 7 + 0.6])
     want = torch.softmax(-a, 0)
     assert torch.allclose(difficulty_weights(d, groups), want, atol=1e-5)
-    assert difficulty_weights(d, groups, hard=True).tolist() == [0.0, 1.0, 0.0]
+    assert difficulty_weights(d, groups, "hard").tolist() == [0.0, 1.0, 0.0]
     # an exit no sample was routed to gets weight 0, the others still sum to 1
     w = difficulty_weights(d, [groups[0], torch.tensor([]), groups[2]])
     assert w[1] == 0 and float(w.sum()) == pytest.approx(1.0)
@@ -155,12 +155,12 @@ def test_reverse_kd_pair_loss_only_uses_samples_at_the_teachers_last_exit():
     t_exit = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
     s_exit = torch.tensor([0, 1, 2, 2, 0, 1, 2, 2])
     diff = torch.arange(8.0)
-    loss = reverse_kd_pair_loss(teacher, t_exit, student, s_exit, diff, 5.0, 10.0)
+    loss, _ = reverse_kd_pair_loss(teacher, t_exit, student, s_exit, diff, 5.0, 10.0)
     loss.backward()
     for f in s_feats:
         assert f.grad[4:].abs().sum() == 0 and f.grad[:4].abs().sum() > 0
-    assert (reverse_kd_pair_loss(teacher, torch.zeros(8, dtype=torch.long), student,
-                                      s_exit, diff, 5.0, 10.0)).item() == 0.0
+    assert reverse_kd_pair_loss(teacher, torch.zeros(8, dtype=torch.long), student,
+                                s_exit, diff, 5.0, 10.0)[0].item() == 0.0
 
 
 # ---------------------------------------------------------------------- generators
@@ -338,6 +338,17 @@ def test_darkdistill_rejects_a_broken_difficulty_record():
     bad = ClientUpdate(1, 1, spec, {}, 3, {}, {DIFFICULTY_RECORD: {
         "labels": np.array([0, 1, 2]), "difficulty": np.array([0.1, np.nan, 0.3], np.float32)}})
     assert "non-finite" in strategy.record_problems(bad)
+    shape = strategy.latent_shape
+    stats = {"latent_mean": np.full(shape, 0.5, np.float32),
+             "latent_sq_mean": np.full(shape, 1.0, np.float32)}
     good = ClientUpdate(1, 1, spec, {}, 3, {}, {DIFFICULTY_RECORD: {
-        "labels": np.array([0, 1, 2]), "difficulty": np.array([0.1, 0.2, 0.3], np.float32)}})
+        "labels": np.array([0, 1, 2]), "difficulty": np.array([0.1, 0.2, 0.3], np.float32),
+        **stats}})
     assert strategy.record_problems(good) is None
+    for name, value, why in [("latent_sq_mean", 0.1, "negative variance"),
+                             ("latent_mean", np.inf, "non-finite"),
+                             ("latent_sq_mean", 1e8, "RMS")]:
+        rec = dict(good.records[DIFFICULTY_RECORD])
+        rec[name] = np.full(shape, value, np.float32)
+        broken = ClientUpdate(1, 1, spec, {}, 3, {}, {DIFFICULTY_RECORD: rec})
+        assert why in strategy.record_problems(broken), name

@@ -53,14 +53,26 @@ def load_done(path: Path) -> dict[str, dict[str, Any]]:
     return {cell_key(r): r for r in rows}
 
 
+#: rounds whose mean test accuracy is the second reading of a cell (besides best validation)
+LAST_ROUNDS = 5
+
+
 def summarise(metrics: dict[str, Any], which: str) -> dict[str, Any]:
+    """A cell's row: per-exit accuracies of the ``which`` round (``best_val`` or ``final``),
+    the per-exit mean over the last LAST_ROUNDS rounds, timings, and every round's server
+    diagnostics (``diag-*``, ``kd-*``) as series."""
     n = metrics["num_exits"]
     pick = metrics[which] or metrics["final"]
     accs = [100 * pick[f"acc-exit-{j}"] for j in range(1, n + 1)]
     rounds = metrics["rounds"]
+    tail = [r["central"] for r in rounds[-LAST_ROUNDS:]]
+    last = [float(np.mean([100 * c[f"acc-exit-{j}"] for c in tail])) for j in range(1, n + 1)]
+    keys = sorted({k for r in rounds for k in r["train"] if k.startswith(("diag-", "kd-"))})
     server = sum(r["timings"]["aggregate"] + r["timings"]["server_step"] for r in rounds)
     total = sum(r["timings"]["total"] for r in rounds)
     return {"exits": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+            f"last{LAST_ROUNDS}_exits": last, f"last{LAST_ROUNDS}_mean": float(np.mean(last)),
+            "diagnostics": {k: [r["train"].get(k) for r in rounds] for k in keys},
             "round": pick.get("round"), "wall_s": metrics["wall_seconds"],
             "server_share": server / total if total else 0.0,
             "server_s_per_round": server / max(len(rounds), 1),

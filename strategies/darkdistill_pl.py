@@ -78,6 +78,13 @@ def increase_gaps(deltas: list[Tensor | None]) -> list[Tensor]:
             for j in range(1, len(deltas)) if deltas[j] is not None and deltas[j - 1] is not None]
 
 
+def ensemble_weights(owners: dict[int, list[int]], examples: dict[int, int]
+                     ) -> dict[int, list[float]]:
+    """Per exit j, the weight n^(k) / sum_{i in owners} n^(i) of each owning level k in the
+    exit's ensemble teacher."""
+    return {j: [examples[k] / sum(examples[i] for i in ks) for k in ks] for j, ks in owners.items()}
+
+
 def adjacent_kd_loss(student_feats: dict[int, list[Tensor]], teacher_feats: dict[int, Tensor],
                      num_exits: int, dist_ratio: float, angle_ratio: float) -> Tensor:
     """sum_s sum_{t in {s-1,s,s+1}} RKD(h^G_s(x_t), teacher feature_t) (0-based exits).
@@ -128,8 +135,7 @@ class DarkDistillPL(GeneratorKDStrategy):
             m.requires_grad_(False)
         student = server_model(self.family, self.family.global_spec, state, dev)
         sgd = self.kd_sgd(student.parameters(), scale)
-        weights = {j: [self.level_examples[k] / sum(self.level_examples[i] for i in ks) for k in ks]
-                   for j, ks in owners.items()}
+        weights = ensemble_weights(owners, self.level_examples)
         labels = {j: np.concatenate([self.conditions[k]["labels"] for k in ks])
                   for j, ks in owners.items()}
         bs = self.options.batch_size

@@ -163,6 +163,46 @@ def test_scalefl_loss_and_kd_schedule():
     assert s.level_spec(1).width == 0.4 and s.level_spec(4).width == 1.0
     with pytest.raises(ConfigError, match="one ratio per budget level"):
         load_config({"strategy": "scalefl", "scalefl-widths": "0.5,1"})
+    # the DarkDistill authors' normaliser k(k+1): half the official loss
+    authors = make_strategy({"strategy": "scalefl", "scalefl-loss-norm": "k(k+1)"})
+    assert s.instructions(1, 2).objective == "scalefl"
+    objective = authors.instructions(1, 2).objective
+    assert float(losses.get(objective)(out, y, ctx)) == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_scalefl_vit_width_scales_residual_and_mlp_widths_keeping_heads():
+    """The DarkDistill authors' ViT sizing: hidden and MLP widths times the ratio, rounded
+    down to a multiple of the head count; the head count kept."""
+    s = make_strategy({"strategy": "scalefl", **TINY_VIT, "vit-dim": 64,
+                       "scalefl-widths": "0.75,0.857,0.9,1.0"})
+    for level, dim, mlp in [(1, 48, 192), (2, 54, 218), (3, 56, 230), (4, 64, 256)]:
+        model = s.family.build(s.level_spec(level))
+        assert model.dim == dim and model.embed.cls.shape[-1] == dim
+        block = model.blocks[0]
+        assert block.attn.heads == 2 and block.attn.q.weight.shape == (dim, dim)
+        assert block.mlp.fc1.weight.shape == (mlp, dim)
+        assert model.exits[0].fc.weight.shape[1] == dim
+
+
+def test_inclusivefl_exit_training_and_evaluation_options():
+    """Last exit only (the paper) or every exit (the DarkDistill authors); exits scored on
+    the level models or on the global model."""
+    paper = make_strategy({"strategy": "inclusivefl", **TINY_VIT})
+    assert paper.instructions(1, 3).objective == "last_exit_ce"
+    assert sorted(paper.exit_states()) == [1, 2, 3]
+    out, y = random_outputs(3)
+    heads = [z.detach().requires_grad_() for z in out.logits]
+    losses.get("last_exit_ce")(EEOutput(heads, out.features), y, None).backward()
+    assert heads[0].grad is None and heads[1].grad is None and heads[2].grad.abs().sum() > 0
+    assert not any(k.startswith("exits.0.") for k in paper.shared_keys(3))
+    authors = make_strategy({"strategy": "inclusivefl", **TINY_VIT,
+                             "inclusivefl-train-exits": "all", "inclusivefl-evaluate-on": "global"})
+    assert authors.instructions(1, 3).objective == "sum_ce"
+    assert authors.exit_states() == {}
+    # every exit trained: a level shares the smaller levels' exit heads, keeps its own
+    assert any(k.startswith("exits.0.") for k in authors.shared_keys(3))
+    assert any(k.startswith("exits.2.") for k in authors.private_keys(3))
+    assert not any(k.startswith("exits.2.") for k in authors.shared_keys(3))
 
 
 # ---------------------------------------------------------------------- DepthFL
@@ -241,6 +281,24 @@ def test_reefl_teacher_is_lowest_moving_average_exit():
     np.testing.assert_allclose(state["reefl-ma"], ma, rtol=1e-6)
     losses.get("reefl")(b2, y, ObjectiveContext(instructions({"server-round": 2}), state))  # new round: reset
     np.testing.assert_allclose(state["reefl-ma"], 0.2 * ce2, rtol=1e-6)
+
+
+def test_reefl_modulation_replaces_the_cls_token_by_rees_last_output():
+    """After every block but the last, the CLS token the next block reads is Ree's output at
+    the last position (ReeFL's modulation); the other tokens pass unchanged."""
+    s = make_strategy({"strategy": "reffl", **TINY_VIT})
+    model = s.family.build().eval()
+    ree_out, block_in = [], []
+    model.ree.register_forward_hook(lambda mod, args, out: ree_out.append(out))
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: block_in.append(args[0]))
+    with torch.no_grad():
+        latent = model.to_latent(s.family.example_input(3).normal_())
+        model.forward_latent(latent)
+    assert len(block_in) == len(model.blocks) == len(ree_out)
+    for l in range(1, len(model.blocks)):
+        torch.testing.assert_close(block_in[l][:, 0], ree_out[l - 1][:, -1])
+        assert not torch.allclose(block_in[l][:, 0], model.blocks[l - 1](block_in[l - 1])[:, 0])
 
 
 def test_reefl_grad_clip_by_value():

@@ -286,6 +286,11 @@ def test_difficulty_record_round_trips_through_the_client_app(out_dir):
             want = torch.nn.functional.cross_entropy(model(train.x).logits[0], train.y,
                                                      reduction="none")
         np.testing.assert_allclose(rec["difficulty"], want.numpy(), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # the embedding statistics: per-element moments of to_latent
+            latent = model.to_latent(train.x).double()
+        np.testing.assert_allclose(rec["latent_mean"], latent.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rec["latent_sq_mean"], latent.pow(2).mean(0).numpy(),
+                                   rtol=1e-4, atol=1e-5)
     s.aggregate(1, updates)
     assert sorted(s.conditions) == [1, 2, 3, 4]
 

@@ -38,12 +38,18 @@ def parse_value(text: str) -> Any:
 
 
 def cell_key(c: dict[str, Any]) -> str:
-    """A cell's identity: its grid coordinates and a digest of every other override."""
-    return f"{c['strategy']}|{c['dataset']}|{c['alpha']}|{c['seed']}|{c.get('settings', '')}"
+    """A cell's identity: its grid coordinates and a digest of every other override. A
+    dataset given as a local path counts by its folder name, so a grid resumes from another
+    checkout."""
+    dataset = Path(str(c["dataset"])).name
+    return f"{c['strategy']}|{dataset}|{c['alpha']}|{c['seed']}|{c.get('settings', '')}"
 
 
 def settings_digest(overrides: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+    """Digest of a grid's overrides (a local dataset path by its folder name, as in
+    ``cell_key``)."""
+    portable = {k: Path(str(v)).name if k == "dataset" else v for k, v in overrides.items()}
+    return hashlib.sha1(json.dumps(portable, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def load_done(path: Path) -> dict[str, dict[str, Any]]:

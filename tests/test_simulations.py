@@ -58,3 +58,21 @@ def test_every_flwr_home_gets_its_own_local_superlink_ports(tmp_path):
     keys = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
     assert {a[k] for k in keys}.isdisjoint({b[k] for k in keys})
     assert [flwr_env(tmp_path / "a")[k] for k in keys] == [a[k] for k in keys]  # stable per home
+
+
+def test_report_pairs_seeds_for_darkdistill_minus_the_best_other():
+    """The best other strategy is chosen by seed-average; the difference is taken per seed
+    (a seed-wise gain shows even when the spreads overlap)."""
+    from simulations.report import grid_table
+
+    def cell(strategy, seed, mean, last5):
+        return {"strategy": strategy, "alpha": 1.0, "seed": seed, "mean": mean,
+                "last5_mean": last5}
+
+    cells = [cell("darkdistill", 1, 31, 30), cell("darkdistill", 2, 41, 40),
+             cell("darkdistill", 3, 51, 50), cell("eefl", 1, 30, 29), cell("eefl", 2, 40, 41),
+             cell("eefl", 3, 50, 49), cell("depthfl", 1, 10, 10)]
+    text = "\n".join(grid_table("t", cells, "cmd"))
+    assert "| darkdistill | 41.00 ± 10.00 | 40.00 ± 10.00 | 3 |" in text
+    assert "best-val: 1.00 ± 0.00 against eefl (3 of 3 seeds positive)" in text
+    assert "last 5: 0.33 ± 1.15 against eefl (2 of 3 seeds positive)" in text

@@ -71,8 +71,9 @@ def summarise(metrics: dict[str, Any], which: str) -> dict[str, Any]:
     pick = metrics[which] or metrics["final"]
     accs = [100 * pick[f"acc-exit-{j}"] for j in range(1, n + 1)]
     rounds = metrics["rounds"]
-    tail = [r["central"] for r in rounds[-LAST_ROUNDS:]]
-    last = [float(np.mean([100 * c[f"acc-exit-{j}"] for c in tail])) for j in range(1, n + 1)]
+    tail = [r["central"] for r in rounds if "acc-exit-1" in r.get("central", {})][-LAST_ROUNDS:]
+    last = [float(np.mean([100 * c[f"acc-exit-{j}"] for c in tail])) if tail else float("nan")
+            for j in range(1, n + 1)]
     keys = sorted({k for r in rounds for k in r["train"] if k.startswith(("diag-", "kd-"))})
     server = sum(r["timings"]["aggregate"] + r["timings"]["server_step"] for r in rounds)
     total = sum(r["timings"]["total"] for r in rounds)

@@ -3,6 +3,7 @@ the difficulty record through the ClientApp, whole in-process rounds and checkpo
 import io
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,6 +306,11 @@ def test_one_in_process_round(strategy, model, out_dir):
     assert not summary["failed_replies"]
     assert math.isfinite(train["kd-loss"]) and math.isfinite(train["gen-loss"])
     assert all(math.isfinite(v) for v in summary["final"].values() if v is not None)
+    # the diagnostics measured on real validation images, and their plot
+    for key in ("diag-kd-grad-gen", "diag-kd-grad-real", "kd-move-over-wd"):
+        assert math.isfinite(train[key]) and train[key] > 0, key
+    assert any(k.startswith("diag-rms-ratio-") for k in train)
+    assert (Path(summary["run_dir"]) / "server_kd.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -8,7 +8,7 @@ minus that of the strategy with the best seed-average; reported as mean ± stand
 of those differences and how many seeds were positive.
 
     python -m simulations.report --commands | bash     # run (or resume) every grid
-    python -m simulations.report --results results --out results/tables.md
+    python -m simulations.report --results results --out results/tables.md --readme README.md
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def paired(main: dict[int, dict], other: dict[int, dict], key: str) -> list[floa
 
 def grid_table(title: str, cells: list[dict], command: str) -> list[str]:
     """Per alpha: every strategy under both readings, then DarkDistill minus the best other."""
-    lines = [f"### {title}", "", f"`{command}`", ""]
+    lines = [f"#### {title}", "", f"`{command}`", ""]
     if not cells:
         return lines + ["(no completed cells yet)", ""]
     for alpha, strategies in sorted(by_setting(cells).items()):
@@ -82,7 +82,7 @@ def ablation_table(title: str, main: list[dict], rows: list[tuple[str, list[dict
                    alpha: float) -> list[str]:
     """DarkDistill's main cells against each ablation's, paired by seed."""
     ref = {int(c["seed"]): c for c in main if c["strategy"] == MAIN and float(c["alpha"]) == alpha}
-    lines = [f"### {title}", "",
+    lines = [f"#### {title}", "",
              "| variant | best-val round | last 5 rounds | minus main (best-val) | "
              "minus main (last 5) | seeds | command |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| main (anchor on, soft weights) | {fmt([c['mean'] for c in ref.values()])} | "
@@ -114,7 +114,7 @@ def series_range(cells: list[dict], key: str, skip_first: bool = True,
 
 def diagnostics_table(title: str, variants: list[tuple[str, list[dict]]], alpha: float,
                       levels: int = 4) -> list[str]:
-    lines = [f"### {title}", "",
+    lines = [f"#### {title}", "",
              "min / median / max over rounds 2-20 and seeds.", "",
              "| variant | KD grad norm, generated / real | KD loss, generated / real | "
              "KD move / weight decay alone | latent RMS ratio (generated / real), levels 1-"
@@ -199,11 +199,26 @@ def report(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def into_readme(readme: str, tables: str) -> str:
+    """``readme`` with the text between its results markers replaced by ``tables``."""
+    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+        raise SystemExit(f"the README needs one {BEGIN} ... {END} pair")
+    head, rest = readme.split(BEGIN)
+    _, tail = rest.split(END)
+    body = tables.split("\n", 2)[2] if tables.startswith("## ") else tables
+    return f"{head}{BEGIN}\n{body.strip()}\n{END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--out", type=Path, default=Path("results/tables.md"))
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also replace the README's text between the results markers")
     p.add_argument("--commands", action="store_true",
                    help="print the grid commands behind the tables instead, one per line")
     args = p.parse_args(argv)
@@ -212,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     text = report(args.results)
     args.out.write_text(text)
+    if args.readme is not None:
+        args.readme.write_text(into_readme(args.readme.read_text(), text))
     print(text)
     return 0
 

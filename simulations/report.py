@@ -96,36 +96,48 @@ def ablation_table(title: str, main: list[dict], rows: list[tuple[str, list[dict
     return lines + [""]
 
 
-def series_range(cells: list[dict], key: str, skip_first: bool = True,
-                 ratio_of: str | None = None) -> str:
-    """min / median / max over rounds (after the first) and seeds of a diagnostic, or of the
-    ratio of two."""
+def series(cells: list[dict], key: str, ratio_of: str | None = None) -> list[float]:
+    """A diagnostic (or the ratio of two) over the rounds after the first, all seeds."""
     values = []
     for c in cells:
         diag = c.get("diagnostics", {})
         a = diag.get(key, [])
         b = diag.get(ratio_of, []) if ratio_of else [1.0] * len(a)
-        pairs = list(zip(a, b))[1 if skip_first else 0:]
-        values += [x / y for x, y in pairs if x is not None and y]
+        values += [x / y for x, y in list(zip(a, b))[1:] if x is not None and y]
+    return values
+
+
+def series_range(cells: list[dict], key: str, ratio_of: str | None = None) -> str:
+    """min / median / max over rounds (after the first) and seeds."""
+    values = series(cells, key, ratio_of)
     if not values:
         return "–"
     return f"{np.min(values):.3g} / {np.median(values):.3g} / {np.max(values):.3g}"
+
+
+def share(values: list[float], test) -> str:
+    return f"{sum(map(test, values))} of {len(values)}" if values else "–"
 
 
 def diagnostics_table(title: str, variants: list[tuple[str, list[dict]]], alpha: float,
                       levels: int = 4) -> list[str]:
     lines = [f"#### {title}", "",
              "min / median / max over rounds 2-20 and seeds.", "",
-             "| variant | KD grad norm, generated / real | KD loss, generated / real | "
-             "KD move / weight decay alone | latent RMS ratio (generated / real), levels 1-"
-             f"{levels} |", "|---|---|---|---|---|"]
+             "| variant | KD grad norm, generated / real | rounds within 3x | "
+             "KD loss, generated / real | KD move / weight decay alone | rounds >= 5x | "
+             f"latent RMS ratio (generated / real), levels 1-{levels} |",
+             "|---|---|---|---|---|---|---|"]
     for name, cells in variants:
         cells = [c for c in cells if c["strategy"] == MAIN and float(c["alpha"]) == alpha]
         rms = "; ".join(series_range(cells, f"diag-rms-ratio-l{k}") for k in range(1, levels + 1))
+        grads = series(cells, "diag-kd-grad-gen", ratio_of="diag-kd-grad-real")
+        moves = series(cells, "kd-move-over-wd")
         lines.append(f"| {name} ({len(cells)} seeds) | "
                      f"{series_range(cells, 'diag-kd-grad-gen', ratio_of='diag-kd-grad-real')} | "
+                     f"{share(grads, lambda r: 1 / 3 <= r <= 3)} | "
                      f"{series_range(cells, 'diag-kd-loss-gen', ratio_of='diag-kd-loss-real')} | "
-                     f"{series_range(cells, 'kd-move-over-wd')} | {rms} |")
+                     f"{series_range(cells, 'kd-move-over-wd')} | {share(moves, lambda r: r >= 5)} | "
+                     f"{rms} |")
     return lines + [""]
 
 

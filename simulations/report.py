@@ -20,7 +20,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-READINGS = (("mean", "best-val"), ("last5_mean", "last 5"))
+from simulations.run_grid import LAST_ROUNDS
+
+#: a cell's second reading: the mean over exits of the last rounds' test accuracy
+LAST = f"last{LAST_ROUNDS}_mean"
+READINGS = (("mean", "best-val"), (LAST, f"last {LAST_ROUNDS}"))
 MAIN = "darkdistill"
 
 
@@ -63,7 +67,7 @@ def grid_table(title: str, cells: list[dict], command: str) -> list[str]:
         for s in order:
             seeds = strategies[s]
             lines.append(f"| {s} | {fmt([c['mean'] for c in seeds.values()])} | "
-                         f"{fmt([c['last5_mean'] for c in seeds.values()])} | {len(seeds)} |")
+                         f"{fmt([c[LAST] for c in seeds.values()])} | {len(seeds)} |")
         if MAIN in strategies and len(strategies) > 1:
             parts = []
             for key, label in READINGS:
@@ -86,12 +90,12 @@ def ablation_table(title: str, main: list[dict], rows: list[tuple[str, list[dict
              "| variant | best-val round | last 5 rounds | minus main (best-val) | "
              "minus main (last 5) | seeds | command |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| main (anchor on, soft weights) | {fmt([c['mean'] for c in ref.values()])} | "
-                 f"{fmt([c['last5_mean'] for c in ref.values()])} | | | {len(ref)} | see above |")
+                 f"{fmt([c[LAST] for c in ref.values()])} | | | {len(ref)} | see above |")
     for name, cells, command in rows:
         got = {int(c["seed"]): c for c in cells if float(c["alpha"]) == alpha}
         lines.append(f"| {name} | {fmt([c['mean'] for c in got.values()])} | "
-                     f"{fmt([c['last5_mean'] for c in got.values()])} | "
-                     f"{fmt(paired(got, ref, 'mean'))} | {fmt(paired(got, ref, 'last5_mean'))} | "
+                     f"{fmt([c[LAST] for c in got.values()])} | "
+                     f"{fmt(paired(got, ref, 'mean'))} | {fmt(paired(got, ref, LAST))} | "
                      f"{len(got)} | `{command}` |")
     return lines + [""]
 

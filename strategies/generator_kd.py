@@ -162,10 +162,15 @@ def clip_grads(opt: torch.optim.Optimizer, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
 
 
-def grad_norm(params: Iterable[Tensor]) -> float:
-    """L2 norm of the gradients held by ``params`` (those without one count as zero)."""
-    sq = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+def l2_norm(tensors: Iterable[Tensor | None]) -> float:
+    """L2 norm of several tensors taken together (None entries count as zero)."""
+    sq = [t.detach().float().pow(2).sum() for t in tensors if t is not None]
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+
+def grad_norm(params: Iterable[Tensor]) -> float:
+    """L2 norm of the gradients held by ``params``."""
+    return l2_norm(p.grad for p in params)
 
 
 def loss_grad_norm(loss: Tensor, params: list[Tensor], retain_graph: bool = False) -> float:
@@ -173,9 +178,7 @@ def loss_grad_norm(loss: Tensor, params: list[Tensor], retain_graph: bool = Fals
     (``retain_graph``: the caller backpropagates ``loss`` afterwards)."""
     if not loss.requires_grad:
         return 0.0
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
-    sq = [g.float().pow(2).sum() for g in grads if g is not None]
-    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+    return l2_norm(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph))
 
 
 def weight_decay_only_change(before: Mapping[str, np.ndarray], param_names: Iterable[str],

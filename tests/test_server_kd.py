@@ -193,3 +193,19 @@ def test_pl_increase_term_signs():
     assert m["kd-gap"] >= 0
     assert m["kd-loss"] == pytest.approx(m["kd-rkd"] + 0.5 * m["kd-gap"], rel=1e-4, abs=1e-6)
     assert math.isfinite(m["diag-kd-grad-gen"]) and math.isfinite(m["diag-kd-grad-real"])
+
+
+@pytest.mark.parametrize("strategy", ["darkdistill", "darkdistill-pl"])
+def test_diagnostics_on_real_images_do_not_change_the_training(strategy):
+    """The real-image measurements draw from their own generator and take no step: a run
+    with the server's validation images gives bit for bit the run without them."""
+    rc = {**SMALL, **VIT, "strategy": strategy, "num-server-rounds": 2}
+    with_probe, ms = rounds(rc, 2)
+    assert "diag-kd-grad-real" in ms[0]
+    without = make_strategy(rc)
+    grid = InProcessGrid(rc, 4)
+    for rnd in (1, 2):
+        _, (_, m) = train_round(without, grid, rnd)
+        assert "diag-kd-grad-real" not in m
+    for key, value in with_probe.global_state.items():
+        np.testing.assert_array_equal(value, without.global_state[key])

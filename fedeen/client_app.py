@@ -7,16 +7,20 @@ list positions across the wire. Extra payloads the client collected become their
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.cloud_worker import spawn_local
 from clients.een_client import PARAM_KEYS, EENClient
+from clients.split import SplitSettings
+from clients.split_client import SplitClient
+from clients.transport import LinkModel, parse_address
 from fedeen.app_config import family_for, load_config
 from fedeen.budgets import node_level
-from fedeen.config import ConfigError, RunConfig
+from fedeen.config import ConfigError, RunConfig, split_partition_ids
 from fedeen.data import load_client_data, source_for
 from fedeen.protocol import (NUM_EXAMPLES, QUERY_EVAL_EXAMPLES, QUERY_LEVEL, QUERY_PARTITION,
                              QUERY_TRAIN_EXAMPLES, from_record, to_record)
@@ -26,12 +30,59 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=4)
-def _client(cfg: RunConfig, partition_id: int, num_partitions: int) -> EENClient:
-    """One client per node and run config per process: data is decoded once."""
+def _client(cfg: RunConfig, partition_id: int, num_partitions: int,
+            split: tuple[str, int] | None = None) -> EENClient:
+    """One client per node and run config per process: data is decoded once. ``split`` =
+    (cloud address, split exit) makes it the edge of a split pair."""
     info = source_for(cfg).info
     data = load_client_data(cfg, partition_id, num_partitions)
-    return EENClient(family_for(cfg, info), data, cfg, info, resolve_device(cfg),
-                     client_seed=cfg.seed * 1000 + partition_id)
+    args = (family_for(cfg, info), data, cfg, info, resolve_device(cfg))
+    seed = cfg.seed * 1000 + partition_id
+    if split is None:
+        return EENClient(*args, client_seed=seed)
+    address, split_exit = split
+    if address == LOCAL_CLOUD:
+        address = spawn_local()
+    settings = SplitSettings(
+        split_exit=split_exit, bits=cfg.split_bits, max_ahead=cfg.split_max_ahead,
+        training=cfg.split_training, timeout_s=cfg.split_timeout_s,
+        link=LinkModel(cfg.split_link_mbps, cfg.split_link_latency_ms))
+    return SplitClient(*args, client_seed=seed, cloud_address=address, settings=settings)
+
+
+LOCAL_CLOUD = "local"
+CLIENT_MODES = ("plain", "split")
+
+
+def split_mode(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int
+               ) -> tuple[str, int] | None:
+    """(cloud address, split exit) when this node is the edge of a split pair, else None.
+
+    A SuperNode's node config decides (``client-mode = "split"``, ``cloud-address =
+    "HOST:PORT"`` or ``"local"``, optional ``split-exit``); without ``client-mode`` the run
+    config's ``split-partitions`` does, with a private local cloud worker (simulation)."""
+    mode = str(node_config.get("client-mode", "")).strip()
+    if mode and mode not in CLIENT_MODES:
+        raise ConfigError(f"node config client-mode must be one of {', '.join(CLIENT_MODES)}, "
+                          f"got {mode!r}")
+    if not mode:
+        mode = "split" if partition_id in split_partition_ids(cfg) else "plain"
+    if mode == "plain":
+        return None
+    address = str(node_config.get("cloud-address", LOCAL_CLOUD)).strip() or LOCAL_CLOUD
+    if address != LOCAL_CLOUD:
+        try:
+            parse_address(address)
+        except ValueError as err:
+            raise ConfigError(f"node config cloud-address: {err}") from None
+    try:
+        split_exit = int(node_config.get("split-exit", cfg.split_exit))
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config split-exit must be an integer, got "
+                          f"{node_config.get('split-exit')!r}") from None
+    if split_exit < 1:
+        raise ConfigError(f"split-exit must be >= 1, got {split_exit}")
+    return address, split_exit
 
 
 def client_config(context: Context) -> RunConfig:
@@ -46,7 +97,9 @@ def client_for(context: Context) -> EENClient:
     if "partition-id" not in nc or "num-partitions" not in nc:
         raise ConfigError("the SuperNode's node config needs partition-id and num-partitions "
                           f"(which part of the data this node holds); got {dict(nc)}")
-    return _client(cfg, int(nc["partition-id"]), int(nc["num-partitions"]))
+    partition_id = int(nc["partition-id"])
+    return _client(cfg, partition_id, int(nc["num-partitions"]),
+                   split_mode(cfg, nc, partition_id))
 
 
 def _unpack(msg: Message) -> tuple[list[str], list[Any], dict[str, Any]]:

@@ -79,6 +79,16 @@ class RunConfig:
     image_size: int = 32
     policy: str = "base"
     boosted_ensemble_weight: float = 0.2
+    # edge/cloud split training (clients.split): which simulated nodes are split pairs and how
+    # they train; a SuperNode's node config (client-mode, cloud-address, split-exit) wins
+    split_partitions: str = ""
+    split_exit: int = 1
+    split_bits: int = 4
+    split_max_ahead: int = 4
+    split_training: str = "hierarchical"
+    split_link_mbps: float = 0.0
+    split_link_latency_ms: float = 0.0
+    split_timeout_s: float = 30.0
     # evaluation and bookkeeping
     exit_p: float = 1.5
     eval_batch_size: int = 256
@@ -198,11 +208,22 @@ def validate(cfg: RunConfig) -> None:
         ("eval-batch-size", cfg.eval_batch_size >= 1, "must be >= 1"),
         ("seed", cfg.seed >= 0, "must be >= 0"),
         ("checkpoint-every", cfg.checkpoint_every >= 0, "must be >= 0 (0 = only the last round)"),
+        ("split-exit", cfg.split_exit >= 1, "must be >= 1 (the exit after which the cloud "
+         "takes over)"),
+        ("split-bits", cfg.split_bits in tuple(range(1, 17)) + (32,),
+         "must be 1..16 or 32 (no quantisation)"),
+        ("split-max-ahead", cfg.split_max_ahead >= 1, "must be >= 1 batch"),
+        ("split-training", cfg.split_training in SPLIT_TRAININGS,
+         f"must be one of {', '.join(SPLIT_TRAININGS)}"),
+        ("split-link-mbps", cfg.split_link_mbps >= 0, "must be >= 0 (0 = unshaped)"),
+        ("split-link-latency-ms", cfg.split_link_latency_ms >= 0, "must be >= 0"),
+        ("split-timeout-s", cfg.split_timeout_s > 0, "must be > 0"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"run-config {key} = {getattr(cfg, key.replace('-', '_'))!r} {why}")
     cfg.level_ratios  # noqa: B018  (raises ConfigError on a bad mix)
+    split_partition_ids(cfg)
     check_model_builds(cfg)
     if cfg.out_dir and not os.path.isabs(os.path.expanduser(cfg.out_dir)):
         raise ConfigError(
@@ -219,6 +240,24 @@ def validate(cfg: RunConfig) -> None:
             check_resumable(checkpoint_path(path), cfg.as_run_config(), cfg.num_server_rounds)
         except CheckpointError as err:
             raise ConfigError(f"resume: {err}") from None
+
+
+SPLIT_TRAININGS = ("hierarchical", "conventional")
+
+
+def split_partition_ids(cfg: RunConfig) -> frozenset[int]:
+    """The partitions that act as edge/cloud split pairs (``split-partitions``, comma list)."""
+    text = cfg.split_partitions.strip()
+    if not text:
+        return frozenset()
+    try:
+        ids = frozenset(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"split-partitions must be comma-separated partition ids, got "
+                          f"{cfg.split_partitions!r}") from None
+    if min(ids) < 0:
+        raise ConfigError(f"split-partitions must be >= 0, got {cfg.split_partitions!r}")
+    return ids
 
 
 def check_model_builds(cfg: RunConfig) -> None:

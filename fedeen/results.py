@@ -95,7 +95,7 @@ class RunRecorder(RoundObserver):
         append_line(self.path / "rounds.jsonl", json.dumps(row))  # nothing is lost on a crash
         accs = [100 * (central or {}).get(c, float("nan")) for c in exit_columns(self.num_exits)]
         extra = "".join(f" | {k} {v:.3g}" for k, v in train.items()
-                        if k.startswith(("gen-", "kd-", "server-")))
+                        if k.startswith(("gen-", "kd-", "server-", "split-")))
         log(logging.INFO,
             "[round %d/%d] %.2fs (clients %.2fs, server %.2fs, eval %.2fs) | exits %s | "
             "mean %.2f ± %.2f | train-loss %.4f | clients ok %d failed %d%s",

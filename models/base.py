@@ -114,15 +114,16 @@ class EarlyExitNet(nn.Module):
         self.policy, self.boost_weight = policy, boost_weight
         return self
 
-    def exit_tap(self, h: Tensor, j: int) -> tuple[Tensor, Tensor]:
+    def exit_tap(self, h: Tensor, j: int, m: int | None = None) -> tuple[Tensor, Tensor]:
         """(what exit ``j`` (1-based) reads, what the next block reads) from the output ``h``.
 
         Under ``boosted`` the exit's gradient into the backbone is scaled by 1/(m-j+1) and the
-        gradient from deeper exits by (m-j)/(m-j+1), m = this model's exits (BoostNet's form).
+        gradient from deeper exits by (m-j)/(m-j+1), m = the exits trained together (this
+        model's, unless a split edge trains only its own; BoostNet's form).
         """
         if self.policy != "boosted":
             return h, h
-        m = self.num_exits
+        m = self.num_exits if m is None else m
         tapped = grad_scale(h, 1.0 / (m - j + 1))
         return tapped, grad_scale(tapped, float(m - j))
 
@@ -134,8 +135,29 @@ class EarlyExitNet(nn.Module):
     def to_latent(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward_latent(self, z: Tensor) -> EEOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def segment(self, h: Tensor, j: int, m: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Exit ``j``'s segment (1-based): the blocks after exit j-1 up to exit j, then exit j.
+
+        Returns (what the next segment reads, exit j's raw logits, its feature); ``m`` as in
+        ``exit_tap``. A backbone whose exits depend on each other beyond the residual stream
+        (ReeFL's recurrent exit) does not implement it and overrides ``forward_latent``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run exit by exit")
+
+    def forward_exits(self, h: Tensor, first: int, last: int, m: int | None = None
+                      ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Segments ``first``..``last`` from ``h``: (the stream after exit ``last``, their raw
+        logits, their features). A split model runs 1..s on the edge and s+1..M on the cloud."""
+        logits, feats = [], []
+        for j in range(first, last + 1):
+            h, z, f = self.segment(h, j, m)
+            logits.append(z)
+            feats.append(f)
+        return h, logits, feats
+
+    def forward_latent(self, z: Tensor) -> EEOutput:
+        _, logits, feats = self.forward_exits(z, 1, self.num_exits)
+        return self.output(logits, feats)
 
     def latent_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
         raise NotImplementedError

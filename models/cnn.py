@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from models.base import EarlyExitNet, EEOutput, SubmodelSpec, scaled
+from models.base import EarlyExitNet, SubmodelSpec, scaled
 from models.frontends import build_frontend
 from models.options import Options, option
 from models.registry import ModelConfig, register
@@ -104,15 +104,10 @@ class EarlyExitCNN(EarlyExitNet):
     def latent_shape(self) -> tuple[int, ...]:
         return (self._latent_channels, self.image_size, self.image_size)
 
-    def forward_latent(self, z: Tensor) -> EEOutput:
-        logits, feats = [], []
-        h = z
-        for j, (block, head) in enumerate(zip(self.blocks, self.exits), start=1):
-            tapped, h = self.exit_tap(block(h), j)
-            out, feat = head(tapped)
-            logits.append(out)
-            feats.append(feat)
-        return self.output(logits, feats)
+    def segment(self, h: Tensor, j: int, m: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        tapped, h = self.exit_tap(self.blocks[j - 1](h), j, m)
+        out, feat = self.exits[j - 1](tapped)
+        return h, out, feat
 
 
 @register("cnn", options=CNNOptions)

@@ -59,6 +59,10 @@ class EarlyExitReeViT(EarlyExitViT):
         del self.exits
         self.ree = Ree(self.dim, cfg.num_classes, max_tokens=options.blocks)
 
+    def segment(self, h: Tensor, j: int, m: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError("the ReeFL ViT's shared exit reads the CLS tokens of every "
+                                  "block so far, so it cannot run one exit segment alone")
+
     def forward_latent(self, z: Tensor) -> EEOutput:
         logits, feats = [], []
         h, e = z, 0

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.base import EarlyExitNet, EEOutput, SubmodelSpec, exit_blocks
+from models.base import EarlyExitNet, SubmodelSpec, exit_blocks
 from models.frontends import build_frontend
 from models.options import OptionError, Options, option
 from models.registry import ModelConfig, register
@@ -129,18 +129,13 @@ class EarlyExitViT(EarlyExitNet):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.embed.num_patches + 1, self.dim)
 
-    def forward_latent(self, z: Tensor) -> EEOutput:
-        logits, feats = [], []
-        h, e = z, 0
-        for i, block in enumerate(self.blocks, start=1):
+    def segment(self, h: Tensor, j: int, m: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        start = self.exit_after[j - 2] if j > 1 else 0
+        for block in self.blocks[start:self.exit_after[j - 1]]:
             h = block(h)
-            if e < len(self.exit_after) and i == self.exit_after[e]:
-                tapped, h = self.exit_tap(h, e + 1)
-                cls = tapped[:, 0]
-                logits.append(self.exits[e](cls))
-                feats.append(cls)
-                e += 1
-        return self.output(logits, feats)
+        tapped, h = self.exit_tap(h, j, m)
+        cls = tapped[:, 0]
+        return h, self.exits[j - 1](cls), cls
 
 
 def width_scaled(n: int, width: float, multiple: int) -> int:

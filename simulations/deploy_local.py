@@ -7,6 +7,9 @@ processes are started here and stopped by PID at the end. The exit code is non-z
 ``flwr run`` fails or the run's metrics.json does not say ``"status": "completed"``.
 
     python -m simulations.deploy_local --nodes 4 --set num-server-rounds=2
+
+``--split-nodes 1,3`` also starts a cloud worker and makes those SuperNodes the edges of split
+pairs (node config ``client-mode="split" cloud-address="127.0.0.1:<port>"``).
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def deploy(overrides: dict, nodes: int, work: Path, timeout: float = 1800) -> tuple[int, str]:
+def deploy(overrides: dict, nodes: int, work: Path, timeout: float = 1800,
+           split_nodes: frozenset[int] = frozenset()) -> tuple[int, str]:
     bindir = Path(sys.executable).parent
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -62,12 +66,21 @@ def deploy(overrides: dict, nodes: int, work: Path, timeout: float = 1800) -> tu
                             "--host", "127.0.0.1", "--port", str(link_port),
                             "--database", str(work / "state.db")])
         wait_for_port(link_port)
+        split_config = ""
+        if split_nodes:  # one cloud worker serves every split SuperNode
+            cloud_port = free_port()
+            start("cloud-worker", ["python", "-m", "clients.cloud_worker", "--listen",
+                                   f"127.0.0.1:{cloud_port}"])
+            wait_for_port(cloud_port)
+            split_config = f' client-mode="split" cloud-address="127.0.0.1:{cloud_port}"'
         for i in range(nodes):
             level = level_for_partition(i, nodes, ratios)
+            node_config = f"partition-id={i} num-partitions={nodes} budget-level={level}"
+            if i in split_nodes:
+                node_config += split_config
             start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink",
                                     f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                                    "--node-config",
-                                    f"partition-id={i} num-partitions={nodes} budget-level={level}"])
+                                    "--node-config", node_config])
         cmd = [str(bindir / "flwr"), "run", str(PROJECT), "fedeen-deploy", "--stream",
                "--run-config", run_config_arg({**overrides, "min-nodes": nodes})]
         done = subprocess.run(cmd, env=env, cwd=PROJECT, capture_output=True, text=True,
@@ -91,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--split-nodes", default="", metavar="I,J",
+                   help="SuperNodes (partition ids) that train as edge/cloud split pairs with "
+                        "one local cloud worker")
     args = p.parse_args(argv)
+    split_nodes = frozenset(int(i) for i in args.split_nodes.split(",") if i.strip())
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -101,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(os.path.expanduser(str(overrides["out-dir"])))
     before = set(out.iterdir()) if out.is_dir() else set()
     t0 = time.perf_counter()
-    rc, log = deploy(overrides, args.nodes, work)
+    rc, log = deploy(overrides, args.nodes, work, split_nodes=split_nodes)
     print(log)
     new = sorted(p for p in set(out.iterdir()) - before if p.is_dir()) if out.is_dir() else []
     status, cause = run_status(new[-1] if new else None)

@@ -363,6 +363,11 @@ class HeteroEENStrategy(Strategy):
         metrics["train-loss"] = sum(u.metrics.get("train-loss", 0.0) * u.num_examples
                                     for u in updates) / total
         metrics[NUM_EXAMPLES] = total
+        pairs = [u for u in updates if u.metrics.get("split-active") == 1]
+        if pairs:  # edge/cloud split pairs that trained with their cloud (clients.split)
+            metrics["split-pairs"] = len(pairs)
+            metrics["split-mbytes"] = sum(float(u.metrics.get("split-bytes", 0.0))
+                                          for u in pairs) / 1e6
         record = to_record(self.global_state)
         self._last_record = record
         return record, MetricRecord(metrics)

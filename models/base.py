@@ -165,6 +165,10 @@ class EarlyExitNet(nn.Module):
     def forward(self, x: Tensor) -> EEOutput:
         return self.forward_latent(self.to_latent(x))
 
+    def load_pretrained_weights(self) -> None:
+        """Load the pretrained weights the backbone's options name, if any (the global
+        model's initialisation; a backbone without pretrained weights keeps its random one)."""
+
     @property
     def num_exits(self) -> int:
         return len(self.exit_after)

@@ -52,8 +52,11 @@ class EENFamily:
         return self._shapes(spec or self.global_spec)
 
     def init_state(self, seed: int) -> State:
+        """The global model's initial state: seeded random, then any pretrained weights."""
         torch.manual_seed(seed)
-        return module_state(self.build())
+        model = self.build()
+        model.load_pretrained_weights()
+        return module_state(model)
 
     def segment_of(self, key: str) -> int:
         """1-based depth segment a tensor lives in: the first exit whose submodel needs it."""

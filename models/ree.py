@@ -37,7 +37,7 @@ class Ree(nn.Module):
         heads = max(1, min(heads, attn_dim))
         self.client_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, max_tokens + 1, dim))
-        self.layer = Block(dim, heads, attn_dim // heads, int(dim * mlp_ratio))
+        self.layer = Block(dim, heads, int(dim * mlp_ratio), head_dim=attn_dim // heads)
         self.head = TokenExit(dim, num_classes)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos, std=0.02)

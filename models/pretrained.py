@@ -8,7 +8,8 @@ project's own (``simulations.pretrain``).
 - a local ``.safetensors`` / ``.pth`` / ``.bin`` file in timm's format: loaded through the same
   timm path a hub download takes, with the file in place of the download
   (``pretrained_cfg_overlay=dict(file=...)``), as architecture ``vit-pretrained-arch``;
-- a local file written by ``simulations.pretrain`` (the EEN's own tensor names): loaded as is.
+- a local file written by ``simulations.pretrain`` (the EEN's own tensor names): loaded as is,
+  except exit classifiers for another number of classes, which keep their initialisation.
 
 A timm state dict is mapped onto the EEN's names: ``patch_embed.proj`` -> ``embed.proj``
 (resampled to the model's patch size with timm's ``resample_patch_embed``), ``cls_token`` ->
@@ -111,7 +112,10 @@ def load_pretrained(model: nn.Module, source: str, arch: str, grid: int, patch: 
     """Load ``source`` into ``model`` (an EEN ViT) in place; see the module doc."""
     target = model.state_dict()
     if os.path.exists(source) and is_een_state(state := read_file(source)):
-        loaded = dict(state)
+        # the exits' classifiers are the pretraining task's: new ones when the classes differ
+        loaded = {k: v for k, v in state.items()
+                  if not (k.startswith("exits.") and ".fc." in k and k in target
+                          and tuple(v.shape) != tuple(target[k].shape))}
     else:
         loaded = from_timm(timm_state(source, arch), target, grid, patch)
     unknown = sorted(set(loaded) - set(target))

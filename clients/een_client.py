@@ -15,6 +15,7 @@ import torch
 from flwr.client import NumPyClient
 from torch.nn import functional as F
 
+from clients import l2w as l2w_policy
 from clients import losses
 from fedeen.config import RunConfig
 from fedeen.data import ClientData, DatasetInfo, Tensors, hflip_for, modalities
@@ -79,10 +80,17 @@ class EENClient(NumPyClient):
                               momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
         train = self.data.train
         model.train()
-        total, count = 0.0, 0
+        l2w = model.policy == "l2w"
+        meta_opt = l2w_policy.meta_optimizer(model) if l2w else None
+        total, count, step = 0.0, 0, 0
         for _epoch in range(self.cfg.local_epochs):
             for xb, yb in self.batches(train, gen, shuffle=True, augment=self.cfg.augment):
+                if l2w and step % l2w_policy.META_EVERY == 0:
+                    l2w_policy.meta_step(model, xb, yb, opt, meta_opt)
+                step += 1
                 out = model(xb)
+                if l2w:
+                    out.sample_weights = l2w_policy.sample_weights(model, out.logits, yb)
                 loss = objective(out, yb, ctx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -68,16 +68,31 @@ def kl_distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="batchmean") * (t * t)
 
 
+def exit_ce(out: EEOutput, j: int, y: Tensor) -> Tensor:
+    """Exit ``j``'s cross-entropy (0-based; negative from the end), the batch mean, each
+    sample weighted by the L2W policy's weight for it at that exit when there is one. Every
+    objective's label term goes through here, so the policy composes with every method."""
+    z = out.logits[j]
+    if out.sample_weights is None:
+        return F.cross_entropy(z, y)
+    w = out.sample_weights[:, j % out.num_exits]
+    return (w * F.cross_entropy(z, y, reduction="none")).mean()
+
+
+def all_exit_ce(out: EEOutput, y: Tensor) -> list[Tensor]:
+    return [exit_ce(out, j, y) for j in range(out.num_exits)]
+
+
 @register("sum_ce")
 def sum_ce(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     """Every local exit trained on the labels (EEFL, ExclusiveFL, DarkDistill's base policy)."""
-    return torch.stack([F.cross_entropy(z, y) for z in out.logits]).sum()
+    return torch.stack(all_exit_ce(out, y)).sum()
 
 
 @register("last_exit_ce")
 def last_exit_ce(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     """Only the deepest local exit (InclusiveFL)."""
-    return F.cross_entropy(out.logits[-1], y)
+    return exit_ce(out, -1, y)
 
 
 # ---------------------------------------------------------------------- baselines' objectives
@@ -164,7 +179,7 @@ def depthfl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     sum_i [CE(z_i) + lambda_t/(k-1) sum_{j!=i} KL_T(z_j.detach || z_i)], lambda_t ramped up
     over ``kd-rampup-rounds``; plus FedDyn's regulariser when ``feddyn-alpha`` > 0."""
     k = out.num_exits
-    ce = torch.stack([F.cross_entropy(z, y) for z in out.logits]).sum()
+    ce = torch.stack(all_exit_ce(out, y)).sum()
     loss = ce
     if k > 1:
         lam = consistency_ramp(float(ctx.config.server_round),
@@ -186,9 +201,9 @@ def scalefl_loss(out: EEOutput, y: Tensor, ctx: ObjectiveContext, divisor: float
     k = out.num_exits
     gamma, t = ctx.config.kd_gamma, ctx.config.kd_temperature
     last = out.logits[-1]
-    loss = k * F.cross_entropy(last, y)
+    loss = k * exit_ce(out, -1, y)
     for j, z in enumerate(out.logits[:-1], start=1):
-        term = F.cross_entropy(z, y)
+        term = exit_ce(out, j - 1, y)
         if gamma > 0:
             term = term + gamma * kl_distill(z, last, t)
         loss = loss + j * term
@@ -221,7 +236,7 @@ def reefl(out: EEOutput, y: Tensor, ctx: ObjectiveContext) -> Tensor:
     the start of each round as in the authors' ``dynamic_ma``; updated before t is chosen).
     ``grad-clip`` > 0 clips gradients element-wise (the authors clip at 1.0)."""
     clip_grad_values(ctx, ctx.config.grad_clip)
-    ces = [F.cross_entropy(z, y) for z in out.logits]
+    ces = all_exit_ce(out, y)
     rnd = float(ctx.config.server_round)
     ma = ctx.state.get(REEFL_MA)
     if ma is None or len(ma) != len(ces) or float(ctx.state.get(REEFL_ROUND, -1.0)) != rnd:

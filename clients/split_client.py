@@ -41,6 +41,9 @@ class SplitClient(EENClient):
         model = self.load_model(parameters, keys, instructions)
         s = self.settings.split_exit
         check_split(model, s)
+        if model.policy == "l2w":
+            raise ValueError("split pairs do not train under the l2w policy: its meta-network "
+                             "reads every exit's loss, on both sides of the split")
         server_round = instructions.server_round
         gen = torch.Generator().manual_seed(self.client_seed * 100_003 + server_round)
         torch.manual_seed(self.client_seed * 100_003 + server_round)

@@ -33,6 +33,8 @@ class EEOutput:
 
     logits: list[Tensor]
     features: list[Tensor]
+    #: per-sample, per-exit loss weights (batch, exits) under the L2W policy, else None
+    sample_weights: Tensor | None = None
 
     @property
     def num_exits(self) -> int:
@@ -55,7 +57,7 @@ def scaled(n: int, width: float) -> int:
 
 
 #: how the exits are trained and read (docs/methods/policies.md); orthogonal to the FL method
-POLICIES = ("base", "boosted")
+POLICIES = ("base", "boosted", "l2w")
 #: BoostNet's ensemble weight w (the DarkDistill authors' value)
 BOOST_WEIGHT = 0.2
 

@@ -9,6 +9,7 @@ import torch
 
 from models import registry
 from models.base import EarlyExitNet, SubmodelSpec, count_forward_flops
+from models.l2w import MetaNet
 from models.registry import ModelConfig
 from models.state import State, module_state
 
@@ -37,12 +38,20 @@ class EENFamily:
         return self.cfg.num_exits
 
     def build(self, spec: SubmodelSpec | None = None) -> EarlyExitNet:
-        model = self._builder(self.cfg, spec or self.global_spec)
+        spec = spec or self.global_spec
+        model = self.with_policy_modules(self._builder(self.cfg, spec), spec)
         return model.set_policy(self.cfg.policy, self.cfg.boost_weight)
+
+    def with_policy_modules(self, model: EarlyExitNet, spec: SubmodelSpec) -> EarlyExitNet:
+        """The policy's own trained modules: L2W's meta-network (``meta.*``) over the
+        submodel's exits."""
+        if self.cfg.policy == "l2w":
+            model.add_module("meta", MetaNet(spec.depth))
+        return model
 
     def _meta(self, spec: SubmodelSpec) -> EarlyExitNet:
         with torch.device("meta"):
-            return self._builder(self.cfg, spec)
+            return self.with_policy_modules(self._builder(self.cfg, spec), spec)
 
     def _compute_shapes(self, spec: SubmodelSpec) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self._meta(spec).state_dict().items()}

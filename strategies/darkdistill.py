@@ -70,7 +70,7 @@ from strategies.generator_kd import (GeneratorKDOptions, GeneratorKDStrategy, Me
                                      grad_norm, loss_grad_norm, server_model)
 from strategies.kd_losses import rkd_loss
 from strategies.registry import register
-from strategies.routing import route_batch, routed_ce
+from fedeen.routing import route_batch, routed_ce
 
 #: how the reverse KD weights the student exits: "soft" (softmax of difficulty matching on
 #: the samples' real difficulties), "hard" (one-hot at its largest weight), "placeholder" (the

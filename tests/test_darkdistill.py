@@ -27,7 +27,7 @@ from strategies.base import ClientUpdate
 from strategies.darkdistill import (difficulty_generator_step, difficulty_weights,
                                     exit1_difficulty, merge_levels, reverse_kd_pair_loss)
 from strategies.kd_losses import rkd_angle, rkd_distance
-from strategies.routing import exit_counts, route_batch
+from fedeen.routing import exit_counts, route_batch
 
 SMALL = {"num-server-rounds": 1, "max-test-samples": 100, "max-samples-per-client": 64,
          "image-size": 16}

@@ -12,7 +12,8 @@ project's own (``simulations.pretrain``).
   except exit classifiers for another number of classes, which keep their initialisation.
 
 A timm state dict is mapped onto the EEN's names: ``patch_embed.proj`` -> ``embed.proj``
-(resampled to the model's patch size with timm's ``resample_patch_embed``), ``cls_token`` ->
+(resampled to the model's patch size with timm's ``resample_patch_embed``, and adapted to the
+model's input channels with ``adapt_input_conv``, e.g. one-channel log-mel audio), ``cls_token`` ->
 ``embed.cls``, ``pos_embed`` -> ``embed.pos`` (resampled to the model's patch grid with
 ``resample_abs_pos_embed``), ``blocks.<i>.attn.qkv`` split into ``q``, ``k``, ``v``, the final
 ``norm`` and ``head`` -> the last exit (the head only when the class count matches).
@@ -28,6 +29,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 #: tensors of a timm ViT that the EEN has no place for and may drop
@@ -76,6 +78,9 @@ def from_timm(state: Mapping[str, Tensor], target: Mapping[str, Tensor], grid: i
         return src.pop(name)
 
     w = take("patch_embed.proj.weight")
+    in_chans = target["embed.proj.weight"].shape[1]
+    if w.shape[1] != in_chans:  # e.g. RGB weights for one-channel log-mel inputs
+        w = adapt_input_conv(in_chans, w, base_chans=w.shape[1])
     if w.shape[-1] != patch:
         w = resample_patch_embed(w, [patch, patch])
     out["embed.proj.weight"] = w

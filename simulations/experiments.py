@@ -33,6 +33,23 @@ AS_IN_DARKDISTILL: dict[str, Any] = {
 # The local CIFAR-10 files: natural images, so random horizontal flips as for the hub's CIFAR-10.
 LOCAL_CIFAR10: dict[str, Any] = {"dataset": str(SHARED_DATA / "cifar10"), "augment-hflip": "true"}
 
+# The DarkDistill paper's GPU setting (for a machine with a GPU and a network; run with
+# --num-supernodes 100, i.e. 100 clients, 10 sampled per round): DeiT-tiny pretrained on
+# ImageNet at 224x224 (timm's weights by hub name, LayerNorm eps 1e-6 as DeiT was trained),
+# 12 blocks with exits after 3/6/9/12, 500 rounds, 1 local epoch, boosted.
+PAPER_GPU: dict[str, Any] = {
+    "model": "vit", "vit-blocks": 12, "vit-dim": 192, "vit-heads": 3, "vit-patch": 16,
+    "vit-mlp-ratio": 4.0, "vit-norm-eps": 1e-6, "image-size": 224,
+    "vit-pretrained": "timm/deit_tiny_patch16_224.fb_in1k",
+    "num-server-rounds": 500, "fraction-train": 0.1, "min-nodes": 10, "batch-size": 32,
+    **MAIN_POLICY, **AS_IN_DARKDISTILL,
+}
+
+# The CPU ViT of the tables fine-tuned from the project's central pretraining on the local
+# ImageNet stand-in (python -m simulations.pretrain --experiment cifar10-cpu-vit --data
+# ../shared/data/tiny-imagenet-pretrain --epochs 10 --out ~/fedeen-pretrain/cpu-vit).
+CPU_PRETRAINED = "~/fedeen-pretrain/cpu-vit/pretrained.safetensors"
+
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "default": {},
     "cifar10-cpu-vit": {**LOCAL_CIFAR10, **CPU_VIT, **MAIN_POLICY, **AS_IN_DARKDISTILL},
@@ -42,6 +59,11 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
                         **MAIN_POLICY, **AS_IN_DARKDISTILL},
     "fsdd-cpu-cnn": {"dataset": str(SHARED_DATA / "fsdd"), "model": "cnn", "cnn-width": 16,
                      "num-server-rounds": 15, **MAIN_POLICY, **AS_IN_DARKDISTILL},
+    "cifar10-cpu-vit-pretrained": {**LOCAL_CIFAR10, **CPU_VIT, **MAIN_POLICY,
+                                   **AS_IN_DARKDISTILL, "vit-pretrained": CPU_PRETRAINED},
+    "paper-gpu-cifar100": {**PAPER_GPU, "dataset": "cifar100"},
+    "paper-gpu-svhn": {**PAPER_GPU, "dataset": "svhn"},
+    "paper-gpu-speech-commands": {**PAPER_GPU, "dataset": "speech_commands"},
 }
 
 

@@ -61,6 +61,18 @@ def test_new_class_count_keeps_the_backbone_and_a_fresh_head(deit):
     torch.testing.assert_close(model.blocks[5].mlp.fc1.weight, ref.blocks[5].mlp.fc1.weight)
 
 
+def test_rgb_weights_adapt_to_one_channel_inputs_as_timm_does(deit):
+    _, d = deit
+    options = ViTOptions(patch=4, norm_eps=1e-6, pretrained=str(d / "deit.pth"))
+    fam = EENFamily("vit", ModelConfig(num_classes=10, in_chans=1, image_size=32,
+                                       backbone=options))
+    mono = timm.create_model("deit_tiny_patch16_224", pretrained=True, in_chans=1, img_size=32,
+                             patch_size=4, num_classes=10,
+                             pretrained_cfg_overlay=dict(file=str(d / "deit.pth")))
+    got = torch.as_tensor(fam.init_state(0)["embed.proj.weight"])
+    torch.testing.assert_close(got, mono.patch_embed.proj.weight.detach())
+
+
 def test_mismatched_checkpoints_are_errors_naming_the_problem(deit, tmp_path):
     _, d = deit
     with pytest.raises(PretrainedError, match="vit-blocks = 12"):

@@ -42,13 +42,15 @@ def test_unknown_strategy_fails_with_the_valid_names(tmp_path, flwr_home):
 
 
 def test_real_deployment_superlink_and_supernodes(tmp_path):
-    """flower-superlink + 4 flower-supernodes with budget-level in their node config; two of
-    them are the edges of split pairs served by one cloud worker process."""
+    """flower-superlink with TLS and SuperNode authentication + 4 registered flower-supernodes
+    with budget-level in their node config; two of them are the edges of split pairs served
+    by one cloud worker process."""
     from simulations.deploy_local import deploy
 
     rc, log = deploy({"num-server-rounds": 1, "out-dir": str(tmp_path / "runs")}, 4,
                      tmp_path / "deploy", timeout=900, split_nodes=frozenset({2, 3}))
     assert rc == 0, log[-3000:]
     assert "[round 1/1]" in log and "clients ok 4 failed 0" in log
+    assert "running on https://" in (tmp_path / "deploy" / "superlink.log").read_text()
     served = (tmp_path / "deploy" / "cloud-worker.log").read_text()
     assert served.count("session") >= 2 and "done" in served, served

@@ -180,7 +180,7 @@ def test_benchmark_and_deployment_exit_non_zero_when_the_run_failed(tmp_path, mo
     monkeypatch.setattr(benchmark_round, "stop_superlinks", lambda home: [])
     assert benchmark_round.main(["--out", str(tmp_path / "bench")]) == 1
 
-    def fake_deploy(overrides, nodes, work, split_nodes=frozenset()):
+    def fake_deploy(overrides, nodes, work, split_nodes=frozenset(), secure=True):
         write_metrics(Path(overrides["out-dir"]) / "run", "failed")
         return 0, "flwr run finished"
 

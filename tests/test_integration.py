@@ -1,4 +1,6 @@
 """Real Flower simulations on Ray through ``flwr run`` (slow: about a minute each)."""
+import time
+
 import pytest
 
 from simulations.flwr_local import flwr_run, stop_superlinks
@@ -30,6 +32,40 @@ def test_two_round_simulation_on_digits(tmp_path, flwr_home):
                  "exit_accuracy.png", "budget_curve.png"):
         assert (run_dir / name).exists(), name
     assert "[round 2/2]" in run.log
+
+
+def test_split_pairs_in_a_ray_simulation(tmp_path, flwr_home):
+    """Two of four simulated nodes are split pairs: each Ray actor starts its private cloud
+    worker, which trains the cloud part and exits with the actor."""
+    import subprocess
+
+    run = flwr_run({"num-server-rounds": 1, "split-partitions": "2,3"}, tmp_path / "runs",
+                   flwr_home, num_supernodes=4, timeout=900)
+    train = run.metrics()["rounds"][0]["train"]
+    assert train["clients-ok"] == 4 and train["clients-failed"] == 0
+    assert train["split-pairs"] == 2 and train["split-mbytes"] > 0
+    assert "split-pairs" in run.log
+    stop_superlinks(flwr_home)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and private_workers():
+        time.sleep(0.5)
+    assert not private_workers(), "a private cloud worker outlived its Ray actor"
+
+
+def private_workers() -> list[str]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", "clients.cloud_worker --listen 127.0.0.1:0"],
+                           capture_output=True, text=True).stdout.split()
+    alive = []
+    for pid in found:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except FileNotFoundError:
+            pass  # exited between pgrep and here
+    return alive
 
 
 def test_unknown_strategy_fails_with_the_valid_names(tmp_path, flwr_home):

@@ -63,43 +63,53 @@ class EENClient(NumPyClient):
         return [v.numpy() for v in self.family.build().state_dict().values()]
 
     # ------------------------------------------------------------------ training
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
-            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        t0 = time.perf_counter()
+    def start_round(self, parameters: list[np.ndarray], config: dict[str, Any]
+                    ) -> tuple[list[str], Instructions, EarlyExitNet, torch.Generator,
+                               losses.ObjectiveContext]:
+        """What every fit starts with: the received model, this round's seeded generators,
+        the difficulty record when the strategy asks for it, and the objective's context."""
         keys, instructions = split_config(config)
         model = self.load_model(parameters, keys, instructions)
-        server_round = instructions.server_round
-        gen = torch.Generator().manual_seed(self.client_seed * 100_003 + server_round)
-        torch.manual_seed(self.client_seed * 100_003 + server_round)
-        objective = losses.get(instructions.objective)
+        seed = self.client_seed * 100_003 + instructions.server_round
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
         if instructions.record_difficulty:
             self.records[DIFFICULTY_RECORD] = self.difficulty_record(model)
         received = {k: v.detach().clone() for k, v in model.named_parameters()}
         ctx = losses.ObjectiveContext(instructions, self.objective_state, model, received)
+        return keys, instructions, model, gen, ctx
+
+    def train_batches(self, gen: torch.Generator):
+        """Every local epoch's shuffled, augmented training batches, one after the other."""
+        for _epoch in range(self.cfg.local_epochs):
+            yield from self.batches(self.data.train, gen, shuffle=True, augment=self.cfg.augment)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        t0 = time.perf_counter()
+        keys, instructions, model, gen, ctx = self.start_round(parameters, config)
+        objective = losses.get(instructions.objective)
         opt = torch.optim.SGD(model.parameters(), lr=instructions.lr,
                               momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
-        train = self.data.train
         model.train()
         l2w = model.policy == "l2w"
         meta_opt = l2w_policy.meta_optimizer(model) if l2w else None
-        total, count, step = 0.0, 0, 0
-        for _epoch in range(self.cfg.local_epochs):
-            for xb, yb in self.batches(train, gen, shuffle=True, augment=self.cfg.augment):
-                if l2w and step % l2w_policy.META_EVERY == 0:
-                    l2w_policy.meta_step(model, xb, yb, opt, meta_opt)
-                step += 1
-                out = model(xb)
-                if l2w:
-                    out.sample_weights = l2w_policy.sample_weights(model, out.logits, yb)
-                loss = objective(out, yb, ctx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(yb)
-                count += len(yb)
+        total, count = 0.0, 0
+        for step, (xb, yb) in enumerate(self.train_batches(gen)):
+            if l2w and step % l2w_policy.META_EVERY == 0:
+                l2w_policy.meta_step(model, xb, yb, opt, meta_opt)
+            out = model(xb)
+            if l2w:
+                out.sample_weights = l2w_policy.sample_weights(model, out.logits, yb)
+            loss = objective(out, yb, ctx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
         metrics = {"train-loss": total / max(count, 1), "train-seconds": time.perf_counter() - t0,
                    "level": instructions.level}
-        return self.export(model, keys), len(train), metrics
+        return self.export(model, keys), len(self.data.train), metrics
 
     def batches(self, data: Tensors, gen: torch.Generator, shuffle: bool, augment: bool):
         n, bs = len(data), self.cfg.batch_size

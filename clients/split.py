@@ -181,7 +181,6 @@ class CloudLink:
         self.address, self.settings = address, settings
         self.channel = EdgeChannel(address, settings.link)
         self.outstanding = 0
-        self.cloud_losses: list[float] = []
 
     def expect(self, kind: str) -> Any:
         msg = self.channel.recv(self.settings.timeout_s)
@@ -211,14 +210,12 @@ class CloudLink:
         return self.channel.send(encode("batch", {"index": index}, tensors))
 
     def collect_ack(self) -> None:
-        msg = self.expect("ack")
+        self.expect("ack")
         self.outstanding -= 1
-        self.cloud_losses.append(float(msg.meta["loss"]))
 
     def receive_grad(self) -> Tensor:
         msg = self.expect("grad")
         self.outstanding -= 1
-        self.cloud_losses.append(float(msg.meta["loss"]))
         return msg.tensors["grad"]
 
     def drain(self) -> None:
@@ -245,7 +242,6 @@ class EdgeRecord:
     loss_sum: float = 0.0
     count: int = 0
     bytes_sent: int = 0
-    batches: int = 0
     intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -276,7 +272,6 @@ def train_edge(model: EarlyExitNet, batches: Iterable[tuple[Tensor, Tensor]],
         rec.intervals.append((t0, time.time()))
         rec.loss_sum += float(loss.detach()) * len(yb)
         rec.count += len(yb)
-        rec.batches += 1
     return rec
 
 

@@ -15,12 +15,10 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from clients import losses
 from clients.een_client import EENClient, split_config
 from clients.split import CloudLink, Hyper, SplitSettings, side_optimizer, split_parts, train_edge
-from fedeen.protocol import DIFFICULTY_RECORD
 from models.base import SubmodelSpec
 from models.split import check_split
 
@@ -33,46 +31,35 @@ class SplitClient(EENClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        keys, instructions = split_config(config)
+        _, instructions = split_config(config)
         if instructions.depth <= self.settings.split_exit:
             params, n, metrics = super().fit(parameters, config)
             return params, n, {**metrics, "split-active": 0}
         t0 = time.perf_counter()
-        model = self.load_model(parameters, keys, instructions)
+        keys, instructions, model, gen, ctx = self.start_round(parameters, config)
         s = self.settings.split_exit
         check_split(model, s)
         if model.policy == "l2w":
             raise ValueError("split pairs do not train under the l2w policy: its meta-network "
                              "reads every exit's loss, on both sides of the split")
-        server_round = instructions.server_round
-        gen = torch.Generator().manual_seed(self.client_seed * 100_003 + server_round)
-        torch.manual_seed(self.client_seed * 100_003 + server_round)
-        if instructions.record_difficulty:
-            self.records[DIFFICULTY_RECORD] = self.difficulty_record(model)
-        state = model.state_dict()
-        edge_names, cloud_state = split_parts(self.family, state, s)
+        edge_names, cloud_state = split_parts(self.family, model.state_dict(), s)
         hyper = Hyper(instructions.lr, self.cfg.momentum, self.cfg.weight_decay)
-        received = {k: v.detach().clone() for k, v in model.named_parameters()}
-        ctx = losses.ObjectiveContext(instructions, self.objective_state, model, received)
         opt = side_optimizer(model, edge_names, hyper)
         link = CloudLink(self.cloud_address, self.settings)
         try:
-            link.open(self.family, SubmodelSpec(instructions.depth, instructions.width), cloud_state, instructions, hyper,
-                      client_key=str(self.client_seed))
-            batches = (b for _ in range(self.cfg.local_epochs)
-                       for b in self.batches(self.data.train, gen, shuffle=True,
-                                             augment=self.cfg.augment))
-            rec = train_edge(model, batches, losses.get(instructions.objective), ctx, opt, link)
+            link.open(self.family, SubmodelSpec(instructions.depth, instructions.width),
+                      cloud_state, instructions, hyper, client_key=str(self.client_seed))
+            rec = train_edge(model, self.train_batches(gen), losses.get(instructions.objective),
+                             ctx, opt, link)
             trained_cloud, cloud_meta = link.close()
         finally:
             link.shutdown()
         merged = dict(model.state_dict())
         merged.update({k: v.to(merged[k].device, merged[k].dtype)
                        for k, v in trained_cloud.items()})
-        n = len(self.data.train)
         count = max(int(cloud_meta["count"]), 1)
         metrics = {"train-loss": float(cloud_meta["loss_sum"]) / count,
                    "edge-train-loss": rec.loss_sum / max(rec.count, 1),
                    "train-seconds": time.perf_counter() - t0, "level": instructions.level,
                    "split-active": 1, "split-bytes": rec.bytes_sent}
-        return [merged[k].detach().cpu().numpy() for k in keys], n, metrics
+        return [merged[k].detach().cpu().numpy() for k in keys], len(self.data.train), metrics

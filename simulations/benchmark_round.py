@@ -26,7 +26,7 @@ from fedeen.budgets import level_for_partition
 from fedeen.client_app import _client
 from models.submodel import slice_state
 from simulations.flwr_local import flwr_run, stop_superlinks
-from simulations.run_grid import parse_value
+from simulations.run_grid import parse_sets
 from strategies.base import ClientUpdate
 
 
@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    overrides = {"num-server-rounds": args.rounds}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
+    overrides = {"num-server-rounds": args.rounds, **parse_sets(args.set)}
     out = args.out or Path(tempfile.mkdtemp(prefix="fedeen-bench-"))
     check_run(load_config({**overrides, "out-dir": str(out.resolve() / "runs")}),
               args.num_supernodes)

@@ -27,7 +27,7 @@ import torch
 from clients import losses
 from clients.cloud_worker import spawn_local
 from clients.split import CloudLink, Hyper, SplitSettings, side_optimizer, split_parts, train_edge
-from clients.split_runtime import measure_segments, predict
+from clients.split_runtime import map_bytes, measure_segments, predict
 from clients.transport import LinkModel
 from fedeen.data.sources import load_source
 from fedeen.protocol import Instructions
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             h = edge_forward(family.build(), x0, s)[0]
         report["bytes"].append({"model": name, "split_exit": s, "map_values": h.numel(),
-                                "bytes_4": -(-h.numel() * 4 // 8) + 8,
-                                "bytes_32": h.numel() * 4})
+                                "bytes_4": map_bytes(h.numel(), 4),
+                                "bytes_32": map_bytes(h.numel(), 32)})
         times = measure_segments(family.build(), x0)
         n_batches = args.train_images // args.batch_size
         for mbps, lat in links:

@@ -30,7 +30,7 @@ from pathlib import Path
 from fedeen.budgets import level_for_partition
 from fedeen.app_config import check_run, load_config
 from simulations.flwr_local import PROJECT, flwr_env, free_port, run_config_arg, run_status
-from simulations.run_grid import parse_value
+from simulations.run_grid import parse_sets
 from simulations.secure import make_certificates, make_node_keys
 
 
@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         "one local cloud worker")
     args = p.parse_args(argv)
     split_nodes = frozenset(int(i) for i in args.split_nodes.split(",") if i.strip())
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
+    overrides = parse_sets(args.set)
     work = args.work or Path(tempfile.mkdtemp(prefix="fedeen-deploy-"))
     overrides.setdefault("out-dir", str(work / "runs"))
     out = Path(os.path.expanduser(str(overrides["out-dir"])))

@@ -30,7 +30,7 @@ from fedeen.data import load_client_data, source_for
 from models.base import EarlyExitNet
 from models.state import load_state
 from simulations.experiments import experiment
-from simulations.run_grid import parse_value
+from simulations.run_grid import parse_sets
 
 
 def exit_loss(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partition", type=int, default=0)
     p.add_argument("--num-partitions", type=int, default=8)
     args = p.parse_args(argv)
-    overrides = experiment(args.experiment)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
+    overrides = {**experiment(args.experiment), **parse_sets(args.set)}
     cfg = load_config(overrides)
     family = family_for(cfg, source_for(cfg).info)
     model = load_state(family.build(), family.init_state(cfg.seed)).eval()

@@ -32,7 +32,7 @@ from fedeen.app_config import family_for, load_config
 from fedeen.data.augment import augment_images
 from fedeen.data.sources import load_source
 from simulations.experiments import experiment
-from simulations.run_grid import parse_value
+from simulations.run_grid import parse_sets
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
@@ -72,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = experiment(args.experiment)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
-    overrides["dataset"] = args.data
+    overrides = {**experiment(args.experiment), **parse_sets(args.set), "dataset": args.data}
     cfg = load_config(overrides)
     src = load_source(args.data)
     family = family_for(cfg, src.info)

@@ -37,6 +37,17 @@ def parse_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments as run-config overrides (values typed by ``parse_value``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        out[key] = parse_value(value)
+    return out
+
+
 def cell_key(c: dict[str, Any]) -> str:
     """A cell's identity: its grid coordinates and a digest of every other override. A
     dataset given as a local path counts by its folder name, so a grid resumes from another
@@ -137,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600)
     args = p.parse_args(argv)
 
-    base = experiment(args.experiment)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        base[key] = parse_value(value)
+    base = {**experiment(args.experiment), **parse_sets(args.set)}
     datasets = [d for d in args.datasets.split(",") if d] or [base.get("dataset", "digits")]
     digest = settings_digest(base)
     cells = [{"strategy": s, "dataset": d, "alpha": float(a), "seed": int(seed), "settings": digest}
